@@ -1,0 +1,1 @@
+"""sortline's database layer: SQLAlchemy models, engine and session, service functions."""

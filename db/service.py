@@ -1,0 +1,230 @@
+"""Service functions over the models: keyword-only, typed, each taking a session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import Job, ModelRecord, Result, utcnow
+
+
+class NotFound(LookupError):
+    """A job or model that the caller named does not exist."""
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def create_job(
+    session: Session,
+    *,
+    source: str,
+    queue: str,
+    total: int,
+    model_version: str | None = None,
+    kind: str = "bulk",
+) -> Job:
+    """Insert a new job and return it (flushed, so its id is set)."""
+    job = Job(
+        source=source,
+        queue=queue,
+        total=total,
+        model_version=model_version,
+        kind=kind,
+        status="open" if kind == "stream" else "queued",
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def grow_job(session: Session, *, job_id: str, by: int) -> int:
+    """Add *by* images to a streaming job's total; return the first new position."""
+    row = session.execute(
+        update(Job).where(Job.id == job_id).values(total=Job.total + by).returning(Job.total)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    return row[0] - by
+
+
+def close_job(session: Session, *, job_id: str) -> None:
+    """Mark a streaming job as closed: it finishes once every image has a row."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            kind="bulk",
+            status=case(
+                (Job.done + Job.failed >= Job.total, "done"),
+                else_="running",
+            ),
+            finished_at=case((Job.done + Job.failed >= Job.total, utcnow()), else_=None),
+        )
+    )
+
+
+def get_job(session: Session, *, job_id: str) -> Job:
+    """Return the job by id, by unique id prefix, or ``latest`` for the newest job."""
+    if job_id == "latest":
+        job = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(1)).first()
+    else:
+        job = session.get(Job, job_id)
+        if job is None and len(job_id) >= 4:
+            found = session.scalars(select(Job).where(Job.id.like(f"{job_id}%")).limit(2)).all()
+            job = found[0] if len(found) == 1 else None
+    if job is None:
+        raise NotFound(f"no job {job_id!r}; `sortline jobs` lists the jobs")
+    return job
+
+
+def list_jobs(session: Session, *, limit: int = 20) -> Sequence[Job]:
+    """The newest jobs first."""
+    return session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
+
+
+# ---------------------------------------------------------------- results
+
+
+def _insert(session: Session):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(Result)
+    if dialect == "sqlite":
+        return sqlite.insert(Result)
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")
+
+
+def existing_positions(session: Session, *, job_id: str, positions: Iterable[int]) -> set[int]:
+    """Positions of *job_id* that already have a result row."""
+    wanted = list(positions)
+    if not wanted:
+        return set()
+    rows = session.scalars(
+        select(Result.position).where(Result.job_id == job_id, Result.position.in_(wanted))
+    )
+    return set(rows)
+
+
+def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert result rows idempotently and advance the job's counters.
+
+    A row whose (job, position) already exists is left as it is, and only rows really
+    inserted count, so a redelivered message changes nothing. Returns how many were new.
+    """
+    if not rows:
+        return 0
+    now = utcnow()
+    values = [{**r, "job_id": job_id, "created_at": now, "updated_at": now} for r in rows]
+    stmt = (
+        _insert(session)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["job_id", "position"])
+        .returning(Result.status)
+    )
+    statuses = session.scalars(stmt).all()
+    ok = sum(1 for s in statuses if s == "ok")
+    err = len(statuses) - ok
+    if statuses:
+        finished = Job.done + ok + Job.failed + err
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                done=Job.done + ok,
+                failed=Job.failed + err,
+                status=case(
+                    (Job.kind == "stream", Job.status),
+                    (finished >= Job.total, "done"),
+                    else_="running",
+                ),
+                finished_at=case(
+                    ((Job.kind != "stream") & (finished >= Job.total), now),
+                    else_=Job.finished_at,
+                ),
+            )
+        )
+    return len(statuses)
+
+
+def list_results(
+    session: Session,
+    *,
+    job_id: str,
+    label: str | None = None,
+    status: str | None = None,
+    min_confidence: float | None = None,
+    max_confidence: float | None = None,
+    after_position: int | None = None,
+    limit: int | None = None,
+) -> Sequence[Result]:
+    """A job's results in submission order, filtered."""
+    q = select(Result).where(Result.job_id == job_id)
+    if label is not None:
+        q = q.where(func.coalesce(Result.corrected_label, Result.label) == label)
+    if status is not None:
+        q = q.where(Result.status == status)
+    if min_confidence is not None:
+        q = q.where(Result.confidence >= min_confidence)
+    if max_confidence is not None:
+        q = q.where(Result.confidence <= max_confidence)
+    if after_position is not None:
+        q = q.where(Result.position > after_position)
+    q = q.order_by(Result.position)
+    if limit is not None:
+        q = q.limit(limit)
+    return session.scalars(q).all()
+
+
+def label_counts(session: Session, *, job_id: str) -> dict[str, int]:
+    """Number of images per label (errors under ``"error"``)."""
+    label = func.coalesce(Result.corrected_label, Result.label, "error")
+    rows = session.execute(
+        select(label, func.count()).where(Result.job_id == job_id).group_by(label)
+    ).all()
+    return {name: n for name, n in sorted(rows, key=lambda r: (-r[1], r[0]))}
+
+
+# ---------------------------------------------------------------- model registry
+
+
+def register_model(
+    session: Session,
+    *,
+    name: str,
+    version: str,
+    arch: str,
+    path: str,
+    sha256: str,
+    classes: list[str],
+    metrics: dict[str, Any] | None = None,
+    activate: bool = True,
+) -> ModelRecord:
+    """Add (or update) a model in the registry, optionally making it the active one."""
+    rec = session.scalars(
+        select(ModelRecord).where(ModelRecord.name == name, ModelRecord.version == version)
+    ).first()
+    if rec is None:
+        rec = ModelRecord(name=name, version=version)
+        session.add(rec)
+    rec.arch, rec.path, rec.sha256 = arch, path, sha256
+    rec.classes, rec.metrics = classes, metrics or {}
+    if activate:
+        session.execute(update(ModelRecord).values(active=False))
+    rec.active = activate
+    session.flush()
+    return rec
+
+
+def active_model(session: Session) -> ModelRecord | None:
+    """The active registered model, if any."""
+    return session.scalars(select(ModelRecord).where(ModelRecord.active.is_(True))).first()
+
+
+def models_at_path(session: Session, *, path: str) -> Sequence[ModelRecord]:
+    """Registry entries whose artifact lives at *path*."""
+    return session.scalars(select(ModelRecord).where(ModelRecord.path == path)).all()

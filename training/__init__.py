@@ -1,0 +1,1 @@
+"""Training, evaluation and the pieces the worker shares: model factory, preprocessing, checkpoints."""

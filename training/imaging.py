@@ -1,0 +1,79 @@
+"""Safe image decoding shared by training and the worker (no torch here)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """An input that cannot be turned into an RGB image; the message names the problem."""
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None
+) -> Image.Image:
+    """Decode *data* into an upright RGB image, or raise :class:`ImageError`.
+
+    The declared size is checked before any pixel is decoded (decompression bombs), EXIF
+    rotation is applied, animations give their first frame, alpha is composited on white,
+    and palette, grayscale, 16-bit and CMYK images become 8-bit RGB. With *draft*, JPEGs
+    are decoded at the smallest DCT scale that still covers that size.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        head = data[:64].lstrip().lower()
+        kind = "text/HTML" if head.startswith((b"<", b"{", b"%")) or head.isascii() else "unknown"
+        raise ImageError(f"not an image: content is {kind}, not a supported image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image refused: {e}") from None
+    except Exception as e:
+        raise ImageError(f"cannot read image header: {e}") from None
+
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has invalid size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError(
+            f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+            "(SORTLINE_MAX_IMAGE_PIXELS)"
+        )
+    try:
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft)
+        img.load()  # first frame of an animation
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as e:  # truncated or corrupt data, unsupported mode
+        raise ImageError(f"corrupt or truncated image ({img.format}): {e}") from None
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = (arr / (hi if hi > 255 else 255.0) * 255.0).clip(0, 255).astype("uint8")
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")

