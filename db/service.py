@@ -119,7 +119,18 @@ def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, An
     if not rows:
         return 0
     now = utcnow()
-    values = [{**r, "job_id": job_id, "created_at": now, "updated_at": now} for r in rows]
+    keys = set().union(*rows) - {"job_id", "created_at", "updated_at"}
+    defaults = {"needs_review": False}
+    values = [
+        {
+            **{k: r.get(k, defaults.get(k)) for k in keys},
+            "needs_review": bool(r.get("needs_review", False)),
+            "job_id": job_id,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for r in rows
+    ]
     stmt = (
         _insert(session)
         .values(values)
@@ -131,6 +142,7 @@ def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, An
     err = len(statuses) - ok
     if statuses:
         finished = Job.done + ok + Job.failed + err
+        version = next((r["model_version"] for r in rows if r.get("model_version")), None)
         session.execute(
             update(Job)
             .where(Job.id == job_id)
@@ -146,6 +158,7 @@ def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, An
                     ((Job.kind != "stream") & (finished >= Job.total), now),
                     else_=Job.finished_at,
                 ),
+                model_version=func.coalesce(Job.model_version, version),
             )
         )
     return len(statuses)

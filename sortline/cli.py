@@ -14,7 +14,6 @@ import click
 COMMANDS: dict[str, str] = {
     "db": "db.cli:db",
     "submit": "producer.cli:submit",
-    "stream": "producer.cli:stream",
     "status": "producer.cli:status",
     "results": "producer.cli:results",
     "jobs": "producer.cli:jobs",
@@ -54,6 +53,9 @@ class LazyGroup(click.Group):
 
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # e.g. `sortline results JOB | head`
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            ctx.exit(0)
         except (NotFound, CheckpointError, ImageError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
         except ConnectionError as e:

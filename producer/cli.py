@@ -1,0 +1,190 @@
+"""Producer commands: ``submit``, ``status``, ``results``, ``jobs``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from db.engine import session_scope
+from db.service import get_job, label_counts, list_jobs, list_results
+from producer.submit import NothingToDo, submit_bytes, submit_paths, wait_for_job
+
+RESULT_FIELDS = (
+    "position", "ref", "status", "label", "confidence", "error", "needs_review",
+    "model_version", "worker", "processing_ms", "sha256",
+)  # fmt: skip
+
+
+def _job_dict(job) -> dict:
+    return {
+        "job_id": job.id,
+        "status": job.status,
+        "kind": job.kind,
+        "queue": job.queue,
+        "total": job.total,
+        "done": job.done,
+        "failed": job.failed,
+        "model_version": job.model_version,
+        "source": job.source,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+
+
+def _wait_with_progress(job_id: str, quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    if quiet:
+        return wait_for_job(job_id)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=__import__("rich.console").console.Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(f"job {job_id[:8]}", total=None)
+        return wait_for_job(job_id, on_progress=lambda n, t: bar.update(task, completed=n, total=t))
+
+
+def _print_summary(job_id: str, as_json: bool) -> None:
+    with session_scope() as session:
+        job = get_job(session, job_id=job_id)
+        counts = label_counts(session, job_id=job.id)
+    if as_json:
+        click.echo(json.dumps({**_job_dict(job), "labels": counts}))
+        return
+    click.echo(f"job {job.id}: {job.status}, {job.done} labelled, {job.failed} errors")
+    for label, n in counts.items():
+        click.echo(f"  {label:<12} {n}")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders.")
+@click.option("--pattern", help="Only files whose name matches this glob (default: image files).")
+@click.option("--queue", type=click.Choice(["cpu", "gpu"]), help="Queue (default SORTLINE_QUEUE).")
+@click.option("--batch-size", type=click.IntRange(1, 512), help="Images per task message.")
+@click.option(
+    "--bytes", "as_bytes", is_flag=True, help="Send image bytes, not paths ('-' = stdin)."
+)
+@click.option("--wait", is_flag=True, help="Show progress until the job finishes, then a summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json) -> None:
+    """Classify image files, folders or globs (PATHS) as one job; print its id."""
+    try:
+        if as_bytes:
+            blobs = []
+            for p in paths:
+                if p == "-":
+                    blobs.append(("stdin", sys.stdin.buffer.read()))
+                else:
+                    from producer.submit import expand_paths
+
+                    for f in expand_paths([p], recursive=recursive, pattern=pattern):
+                        blobs.append((f, Path(f).read_bytes()))
+            job_id = submit_bytes(
+                blobs, queue=queue, batch_size=batch_size, source=", ".join(paths)
+            )
+        else:
+            job_id = submit_paths(
+                paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size
+            )
+    except NothingToDo as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:
+        if type(e).__module__.startswith(("kombu", "redis", "amqp")):
+            raise click.ClickException(
+                f"cannot reach the broker ({e}); is Redis running? `sortline up` starts one"
+            ) from None
+        raise
+    if wait:
+        _wait_with_progress(job_id, quiet=as_json)
+        _print_summary(job_id, as_json)
+    elif as_json:
+        click.echo(json.dumps({"job_id": job_id}))
+    else:
+        click.echo(job_id)
+
+
+@click.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(job: str, as_json: bool) -> None:
+    """Show a job's progress and its labels so far (JOB: id, prefix or 'latest')."""
+    _print_summary(job, as_json)
+
+
+@click.command()
+@click.option("--limit", default=20, show_default=True, help="How many jobs.")
+def jobs(limit: int) -> None:
+    """List the newest jobs."""
+    with session_scope() as session:
+        rows = [_job_dict(j) for j in list_jobs(session, limit=limit)]
+    for j in rows:
+        click.echo(
+            f"{j['job_id']}  {j['status']:<8} {j['done'] + j['failed']:>6}/{j['total']:<6} "
+            f"{j['queue']:<4} {j['created_at'][:19]}  {j['source'][:50]}"
+        )
+
+
+def _result_dict(r) -> dict:
+    d = {f: getattr(r, f) for f in RESULT_FIELDS}
+    if r.corrected_label:
+        d["corrected_label"] = r.corrected_label
+    d["probs"] = r.probs
+    return d
+
+
+def _emit(rows: list[dict], fmt: str, header: bool = True) -> None:
+    if fmt == "json":
+        for d in rows:
+            click.echo(json.dumps(d))
+    elif fmt == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=[*RESULT_FIELDS, "corrected_label", "probs"])
+        if header:
+            w.writeheader()
+        for d in rows:
+            w.writerow({**d, "probs": json.dumps(d["probs"]) if d["probs"] else ""})
+    else:
+        if header:
+            click.echo(f"{'pos':>5}  {'label':<10} {'conf':>6}  file / error")
+        for d in rows:
+            label = d.get("corrected_label") or d["label"] or "ERROR"
+            conf = f"{d['confidence']:.3f}" if d["confidence"] is not None else "-"
+            tail = Path(d["ref"]).name if d["status"] == "ok" else f"{d['ref']}: {d['error']}"
+            click.echo(f"{d['position']:>5}  {label:<10} {conf:>6}  {tail}")
+
+
+@click.command()
+@click.argument("job")
+@click.option("--label", help="Only this label.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), help="Confidence at least this.")
+@click.option("--max-confidence", type=click.FloatRange(0, 1), help="Confidence at most this.")
+@click.option("--errors", is_flag=True, help="Only images that failed.")
+@click.option("--limit", type=int, help="At most this many rows.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+    show_default=True, help="Output format (json: one object per line).",
+)  # fmt: skip
+def results(job, label, min_confidence, max_confidence, errors, limit, fmt) -> None:
+    """Print a job's per-image results (JOB: id, prefix or 'latest')."""
+    with session_scope() as session:
+        j = get_job(session, job_id=job)
+        rows = [
+            _result_dict(r)
+            for r in list_results(
+                session,
+                job_id=j.id,
+                label=label,
+                status="error" if errors else None,
+                min_confidence=min_confidence,
+                max_confidence=max_confidence,
+                limit=limit,
+            )
+        ]
+    _emit(rows, fmt)

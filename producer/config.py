@@ -1,0 +1,18 @@
+"""Producer settings (``SORTLINE_*`` environment variables, then ``.env``)."""
+
+from __future__ import annotations
+
+from db.config import SortlineSettings
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class ProducerSettings(SortlineSettings):
+    """How jobs are cut into tasks."""
+
+    batch_size: int = 16
+    queue: str = "cpu"
+
+
+def get_producer_settings() -> ProducerSettings:
+    return ProducerSettings()

@@ -1,0 +1,164 @@
+"""Create a job, cut it into small JSON task messages and send them to a queue."""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from fnmatch import fnmatch
+
+from db.engine import session_scope
+from db.migrate import ensure_schema
+from db.service import create_job, get_job
+from producer.config import IMAGE_EXTENSIONS, get_producer_settings
+from worker.inputs import build_message
+
+log = logging.getLogger(__name__)
+
+TASK = "worker.tasks.inference.classify_batch"
+
+
+class NothingToDo(ValueError):
+    """The paths named no image."""
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _wanted(name: str, pattern: str | None) -> bool:
+    if pattern:
+        return fnmatch(name, pattern)
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def expand_paths(
+    paths: Iterable[str | os.PathLike], *, recursive: bool = False, pattern: str | None = None
+) -> list[str]:
+    """Files named by *paths* (files, folders, globs) as absolute paths, in a stable order.
+
+    A file named explicitly is kept even if it does not exist, so that the job records it
+    as an error row instead of dropping it silently.
+    """
+    out: list[str] = []
+    for raw in paths:
+        p = os.fspath(raw)
+        if _is_glob(p) and not os.path.exists(p):
+            matches = sorted(glob.glob(p, recursive=recursive))
+            if not matches:
+                raise NothingToDo(f"no file matches {p!r}")
+            out.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
+        elif os.path.isdir(p):
+            walker = os.walk(p) if recursive else [next(os.walk(p))]
+            found = []
+            for root, dirs, files in walker:
+                dirs.sort()
+                found.extend(os.path.join(root, f) for f in sorted(files) if _wanted(f, pattern))
+            out.extend(os.path.abspath(f) for f in found)
+        else:
+            out.append(os.path.abspath(p))
+    return out
+
+
+def _chunks(seq: Sequence, n: int) -> Iterable[tuple[int, Sequence]]:
+    for i in range(0, len(seq), n):
+        yield i, seq[i : i + n]
+
+
+def send_items(job_id: str, items: list[dict], *, queue: str, batch_size: int) -> int:
+    """Send *items* (each with its ``pos``) as task messages of *batch_size*; return tasks sent."""
+    from worker.app import app
+
+    sent = 0
+    now = time.time()
+    with app.producer_or_acquire() as producer:
+        for _, chunk in _chunks(items, max(1, batch_size)):
+            app.send_task(
+                TASK,
+                args=[build_message(job_id, list(chunk), now)],
+                queue=queue,
+                producer=producer,
+                retry=True,
+                retry_policy={"max_retries": 10, "interval_start": 0.5, "interval_step": 1},
+            )
+            sent += 1
+    return sent
+
+
+def _submit(items: list[dict], *, source: str, queue: str | None, batch_size: int | None) -> str:
+    s = get_producer_settings()
+    queue = queue or s.queue
+    batch_size = batch_size or s.batch_size
+    if queue not in ("cpu", "gpu"):
+        raise ValueError(f"queue must be cpu or gpu, not {queue!r}")
+    if not items:
+        raise NothingToDo("no images to submit")
+    ensure_schema()
+    with session_scope() as session:
+        job_id = create_job(session, source=source, queue=queue, total=len(items)).id
+    n = send_items(job_id, items, queue=queue, batch_size=batch_size)
+    log.info("job %s: %d images in %d tasks on queue %s", job_id, len(items), n, queue)
+    return job_id
+
+
+def submit_paths(
+    paths: Iterable[str | os.PathLike],
+    *,
+    recursive: bool = False,
+    pattern: str | None = None,
+    queue: str | None = None,
+    batch_size: int | None = None,
+) -> str:
+    """Submit image files (files, folders, globs) as one job; return the job id.
+
+    Example:
+        >>> job_id = submit_paths(["photos/"], recursive=True)  # doctest: +SKIP
+    """
+    paths = list(paths)
+    files = expand_paths(paths, recursive=recursive, pattern=pattern)
+    if not files:
+        raise NothingToDo(f"no images found in {', '.join(map(str, paths))}")
+    items = [{"pos": i, "path": f} for i, f in enumerate(files)]
+    source = ", ".join(str(p) for p in paths)[:2000]
+    return _submit(items, source=source, queue=queue, batch_size=batch_size)
+
+
+def submit_bytes(
+    images: Iterable[bytes | tuple[str, bytes]],
+    *,
+    queue: str | None = None,
+    batch_size: int | None = None,
+    source: str = "bytes",
+) -> str:
+    """Submit images given as bytes (or ``(key, bytes)`` pairs); return the job id."""
+    items = []
+    for i, img in enumerate(images):
+        key, data = img if isinstance(img, tuple) else (None, img)
+        key = key or "sha256:" + hashlib.sha256(data).hexdigest()
+        items.append({"pos": i, "key": key, "data": base64.b64encode(data).decode("ascii")})
+    return _submit(items, source=source, queue=queue, batch_size=batch_size)
+
+
+def wait_for_job(
+    job_id: str,
+    *,
+    poll: float = 0.5,
+    timeout: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+):
+    """Block until every image of the job has a row; return the finished job."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        with session_scope() as session:
+            job = get_job(session, job_id=job_id)
+        if on_progress is not None:
+            on_progress(job.finished, job.total)
+        if job.status == "done" or (job.kind != "stream" and job.finished >= job.total):
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} not finished after {timeout} s")
+        time.sleep(poll)

@@ -1,0 +1,1 @@
+"""Helpers shared by the test tiers: tiny model checkpoints, generated images, processes."""

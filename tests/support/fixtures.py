@@ -1,0 +1,59 @@
+"""Tiny seeded model checkpoints and generated images for fast tests."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from PIL import Image
+
+CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+
+
+def tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
+    """Write a seeded 'tiny' model checkpoint with the six TrashNet classes."""
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.models import create_model
+    from training.preprocess import PreprocessSpec
+
+    torch.manual_seed(seed)
+    model = create_model("tiny", num_classes=len(CLASSES))
+    spec = PreprocessSpec(resize=40, crop=32)
+    save_checkpoint(
+        path,
+        model,
+        {
+            "name": "tiny-test",
+            "version": str(seed),
+            "arch": "tiny",
+            "classes": CLASSES,
+            "preprocess": spec.to_dict(),
+        },
+    )
+    return path
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 64), fmt: str = "JPEG", **kw) -> bytes:
+    """A small random-coloured image."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(4):
+        x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
+        img.paste(tuple(rng.randrange(256) for _ in range(3)), (x0, y0, x0 + 10, y0 + 10))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, n: int, *, prefix: str = "img") -> list[Path]:
+    """Write *n* small JPEGs into *folder*."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"{prefix}{i:05d}.jpg"
+        p.write_bytes(jpeg_bytes(i))
+        paths.append(p)
+    return paths

@@ -1,0 +1,1 @@
+"""The Celery app, its tasks and the per-process model runtime."""

@@ -1,0 +1,72 @@
+"""The Celery app: JSON only, late acks, one prefetch, queues routed by task module.
+
+Start a worker with ``celery -A worker.app worker -Q cpu`` (or ``sortline worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init
+from kombu import Queue
+
+from worker.config import get_worker_settings
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("cpu", "gpu", "training")
+
+
+def make_app() -> Celery:
+    s = get_worker_settings()
+    app = Celery("sortline", broker=s.broker_url, include=["worker.tasks.inference"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        event_serializer="json",
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=s.task_time_limit,
+        task_soft_time_limit=max(1, s.task_time_limit - 30),
+        broker_transport_options={"visibility_timeout": s.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_queues=[Queue(q) for q in QUEUES],
+        task_default_queue="cpu",
+        task_routes={
+            "worker.tasks.inference.*": {"queue": "cpu"},
+            "worker.tasks.training.*": {"queue": "training"},
+        },
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        broker_pool_limit=10,
+    )
+    return app
+
+
+app = make_app()
+
+
+@worker_process_init.connect
+def _after_fork(**_) -> None:
+    """Each pool process gets its own database engine (never the parent's sockets)."""
+    from db.engine import reset_engines
+
+    reset_engines()
+
+
+@worker_init.connect
+def _record_concurrency(sender=None, **_) -> None:
+    """Let pool processes know their share of the cores (see ``runtime.torch_threads``)."""
+    import os
+
+    conc = getattr(sender, "concurrency", None)
+    if conc:
+        os.environ["SORTLINE_WORKER_CONCURRENCY"] = str(conc)

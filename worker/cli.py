@@ -1,0 +1,80 @@
+"""Worker commands: ``worker``, ``flower``, ``up``, ``down``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from worker import stack
+
+
+@click.command()
+@click.option(
+    "-Q", "--queues", default="cpu", show_default=True, help="cpu, gpu, training (comma-separated)."
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    help="Processes (default: cores; 1 for gpu).",
+)
+@click.option(
+    "--max-tasks-per-child", type=click.IntRange(1), help="Restart a process after N tasks."
+)
+@click.option("-l", "--loglevel", default="INFO", show_default=True, help="Celery log level.")
+def worker(
+    queues: str, concurrency: int | None, max_tasks_per_child: int | None, loglevel: str
+) -> None:
+    """Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`)."""
+    bad = [q for q in queues.split(",") if q not in ("cpu", "gpu", "training")]
+    if bad:
+        raise click.BadParameter(f"unknown queue {bad[0]!r}; use cpu, gpu or training")
+    if concurrency is None and queues in ("gpu", "training"):
+        concurrency = 1
+    extra = ["-l", loglevel]
+    if max_tasks_per_child:
+        extra.append(f"--max-tasks-per-child={max_tasks_per_child}")
+    argv = stack.worker_argv(queues, concurrency, extra)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+
+
+@click.command()
+@click.option("--port", type=int, help="Port (default SORTLINE_FLOWER_PORT, 5555).")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to bind.")
+def flower(port: int | None, address: str) -> None:
+    """Run Flower against sortline's Celery app (basic auth from SORTLINE_FLOWER_USER/PASSWORD)."""
+    from worker.config import get_worker_settings
+
+    try:
+        argv, env = stack.flower_argv(port or get_worker_settings().flower_port, address)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    os.environ.update(env)
+    os.execv(argv[0], argv)
+
+
+@click.command()
+@click.option("-c", "--concurrency", type=click.IntRange(1, 64), help="Worker processes.")
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+def up(concurrency: int | None, no_flower: bool) -> None:
+    """Start the local stack: Redis (if none answers), one CPU worker and Flower."""
+    try:
+        started = stack.up(concurrency=concurrency, flower=not no_flower)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    for s in started:
+        click.echo(f"started {s.name:<7} pid {s.pid:<7} log {s.log}")
+    if not no_flower:
+        from worker.config import get_worker_settings
+
+        click.echo(f"Flower: http://127.0.0.1:{get_worker_settings().flower_port}")
+
+
+@click.command()
+def down() -> None:
+    """Stop what `sortline up` started."""
+    stopped = stack.down()
+    click.echo("stopped " + ", ".join(stopped) if stopped else "nothing was running")

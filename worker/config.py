@@ -1,0 +1,54 @@
+"""Worker and broker settings (``SORTLINE_*`` environment variables, then ``.env``)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import SecretStr, field_validator
+
+from db.config import SortlineSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class WorkerSettings(SortlineSettings):
+    """Settings of the Celery app, the inference tasks and the local stack."""
+
+    broker_url: str = "redis://localhost:6379/0"
+    model: str = ""  # checkpoint path; empty: the active registered model, else the shipped one
+    device: str = "auto"  # auto | cpu | cuda
+    allowed_roots: list[str] = []  # empty: any readable path
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 50_000_000
+    visibility_timeout: int = 3600
+    task_time_limit: int = 300
+    task_max_retries: int = 5
+    torch_threads: int = 0  # 0: the worker's share of the cores
+    review_threshold: float = 0.6
+    home: str = ".sortline"  # logs and pid files of `sortline up`
+    flower_port: int = 5555
+    flower_user: str = ""
+    flower_password: SecretStr | None = None
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v):
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [p for p in v.split(os.pathsep if os.pathsep in v else ",") if p]
+        return v
+
+    def resolved_roots(self) -> list[Path]:
+        return [Path(r).resolve() for r in self.allowed_roots]
+
+
+@lru_cache(maxsize=1)
+def get_worker_settings() -> WorkerSettings:
+    """The settings, read once per process."""
+    return WorkerSettings()

@@ -1,0 +1,144 @@
+"""Task messages and image references: validation, allowed roots, size limits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class MessageError(ValueError):
+    """A task message that cannot be processed at all (wrong schema, missing fields)."""
+
+
+class InputError(ValueError):
+    """One image reference that cannot be read; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Item:
+    pos: int
+    ref: str  # the path, or the content key of submitted bytes
+    path: str | None = None
+    data_b64: str | None = None
+    submitted_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    job_id: str
+    items: list[Item]
+    submitted_at: float | None
+
+
+def build_message(job_id: str, items: list[dict[str, Any]], submitted_at: float) -> dict:
+    """The JSON body of one classify task (the producer's side of :func:`parse_message`)."""
+    return {"v": SCHEMA_VERSION, "job_id": job_id, "submitted_at": submitted_at, "items": items}
+
+
+def parse_message(raw: Any) -> Message:
+    """Validate a task message; raise :class:`MessageError` naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise MessageError(f"message must be a JSON object, not {type(raw).__name__}")
+    v = raw.get("v")
+    if v != SCHEMA_VERSION:
+        raise MessageError(
+            f"unknown message schema version {v!r} (this worker reads {SCHEMA_VERSION})"
+        )
+    job_id = raw.get("job_id")
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
+        raise MessageError("message has no valid 'job_id'")
+    items = raw.get("items")
+    if not isinstance(items, list) or not items:
+        raise MessageError("message has no 'items' list")
+    sub = raw.get("submitted_at")
+    sub = float(sub) if isinstance(sub, int | float) and not isinstance(sub, bool) else None
+    out: list[Item] = []
+    for i, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise MessageError(f"item {i} is not an object")
+        pos = it.get("pos")
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
+            raise MessageError(f"item {i} has no valid 'pos'")
+        path, data = it.get("path"), it.get("data")
+        item_sub = it.get("t")
+        item_sub = float(item_sub) if isinstance(item_sub, int | float) else sub
+        if isinstance(path, str):
+            out.append(Item(pos=pos, ref=path, path=path, submitted_at=item_sub))
+        elif isinstance(data, str):
+            key = it.get("key") if isinstance(it.get("key"), str) else f"bytes:{pos}"
+            out.append(Item(pos=pos, ref=key, data_b64=data, submitted_at=item_sub))
+        else:
+            raise MessageError(f"item {i} (pos {pos}) has neither 'path' nor 'data'")
+    if len({it.pos for it in out}) != len(out):
+        raise MessageError("message repeats a position")
+    return Message(job_id=job_id, items=out, submitted_at=sub)
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def read_item(item: Item, *, roots: list[Path], max_bytes: int) -> bytes:
+    """The bytes an item refers to, or :class:`InputError`."""
+    if item.data_b64 is not None:
+        if len(item.data_b64) > (max_bytes * 4) // 3 + 4:
+            raise InputError(
+                f"image bytes too large: about {len(item.data_b64) * 3 // 4} bytes exceeds "
+                f"the limit of {max_bytes} (SORTLINE_MAX_IMAGE_BYTES)"
+            )
+        try:
+            return base64.b64decode(item.data_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("image data is not valid base64") from None
+    assert item.path is not None
+    raw = item.path
+    if "\x00" in raw:
+        raise InputError("path contains a NUL byte")
+    p = Path(os.fsdecode(os.fsencode(raw)))  # surrogate-escaped non-UTF-8 names round-trip
+    if not p.is_absolute():
+        raise InputError(f"path is not absolute: {raw!r}")
+    try:
+        resolved = p.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise InputError(f"cannot resolve path {raw!r}: {e}") from None
+    if roots and not _under(resolved, roots):
+        via = f" (a link resolving to {resolved})" if resolved != p else ""
+        raise InputError(
+            f"path outside the allowed roots{via}: {raw!r}; allowed: "
+            + ", ".join(str(r) for r in roots)
+            + " (SORTLINE_ALLOWED_ROOTS)"
+        )
+    try:
+        st = resolved.stat()
+    except FileNotFoundError:
+        raise InputError(f"file not found: {raw!r}") from None
+    except OSError as e:
+        raise InputError(f"cannot access {raw!r}: {e.strerror}") from None
+    if resolved.is_dir():
+        raise InputError(f"is a directory, not an image file: {raw!r}")
+    if not resolved.is_file():
+        raise InputError(f"not a regular file: {raw!r}")
+    if st.st_size > max_bytes:
+        raise InputError(
+            f"file too large: {st.st_size} bytes exceeds the limit of {max_bytes} "
+            "(SORTLINE_MAX_IMAGE_BYTES)"
+        )
+    try:
+        with open(resolved, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise InputError(f"cannot read {raw!r}: {e.strerror}") from None
+    if len(data) > max_bytes:
+        raise InputError(f"file too large: exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

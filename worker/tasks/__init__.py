@@ -1,0 +1,1 @@
+"""Task modules, one per queue role: inference (cpu/gpu), training (training)."""
