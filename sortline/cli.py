@@ -77,3 +77,7 @@ def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     cli(prog_name="sortline")
+
+
+if __name__ == "__main__":
+    main()

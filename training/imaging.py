@@ -37,7 +37,7 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image refused: {e}") from None
     except Exception as e:
-        raise ImageError(f"cannot read image header: {e}") from None
+        raise ImageError(f"corrupt or truncated image: cannot read its header ({e})") from None
 
     w, h = img.size
     if w <= 0 or h <= 0:
