@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	@set -e; trap '$(SL) down' EXIT; \
 	$(SL) up --no-flower; \
-	$(SL) submit samples --wait; \
+	$(SL) submit samples -r --wait; \
 	$(SL) results latest
 
 lint: setup

@@ -1,0 +1,23 @@
+"""Expanding paths, folders and globs into a job's files."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer.submit import NothingToDo, expand_paths
+from tests.support.fixtures import write_images
+
+
+def test_expand_folders_globs_and_files(tmp_path):
+    write_images(tmp_path / "a", 2)
+    write_images(tmp_path / "a" / "sub", 3)
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    flat = expand_paths([tmp_path / "a"])
+    assert [p.rsplit("/", 1)[1] for p in flat] == ["img00000.jpg", "img00001.jpg"]
+    assert len(expand_paths([tmp_path / "a"], recursive=True)) == 5
+    assert len(expand_paths([str(tmp_path / "a" / "*.jpg")])) == 2
+    assert len(expand_paths([tmp_path / "a"], pattern="*.txt")) == 1
+    # an explicitly named file is kept even when missing, so the job records an error row
+    assert expand_paths([tmp_path / "gone.jpg"]) == [str(tmp_path / "gone.jpg")]
+    with pytest.raises(NothingToDo, match="no file matches"):
+        expand_paths([str(tmp_path / "*.png")])

@@ -1,0 +1,67 @@
+"""The db service layer on SQLite: idempotent result rows and job counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from db.engine import session_scope
+from db.service import (
+    NotFound,
+    active_model,
+    create_job,
+    get_job,
+    label_counts,
+    list_results,
+    record_results,
+    register_model,
+)
+
+
+def _ok(pos: int, label: str = "glass", conf: float = 0.9) -> dict:
+    return {"position": pos, "ref": f"/x/{pos}.jpg", "status": "ok", "label": label,
+            "confidence": conf, "probs": {label: conf}, "model_version": "m:1"}  # fmt: skip
+
+
+def _err(pos: int) -> dict:
+    return {"position": pos, "ref": f"/x/{pos}.jpg", "status": "error", "error": "boom"}
+
+
+def test_record_results_is_idempotent_and_counts_only_new_rows(sqlite_url):
+    with session_scope(sqlite_url) as s:
+        job_id = create_job(s, source="t", queue="cpu", total=4).id
+    with session_scope(sqlite_url) as s:
+        assert record_results(s, job_id=job_id, rows=[_ok(0), _err(1)]) == 2
+    with session_scope(sqlite_url) as s:  # redelivery of the same rows
+        assert record_results(s, job_id=job_id, rows=[_ok(0), _err(1)]) == 0
+    with session_scope(sqlite_url) as s:
+        job = get_job(s, job_id=job_id)
+        assert (job.done, job.failed, job.status) == (1, 1, "running")
+        assert job.model_version == "m:1"
+    with session_scope(sqlite_url) as s:
+        assert record_results(s, job_id=job_id, rows=[_ok(2, "metal", 0.4), _ok(3), _ok(0)]) == 2
+    with session_scope(sqlite_url) as s:
+        job = get_job(s, job_id=job_id)
+        assert (job.done, job.failed, job.status) == (3, 1, "done")
+        assert job.finished_at is not None
+        assert label_counts(s, job_id=job_id) == {"glass": 2, "error": 1, "metal": 1}
+        assert [r.position for r in list_results(s, job_id=job_id, max_confidence=0.5)] == [2]
+        assert [r.position for r in list_results(s, job_id=job_id, status="error")] == [1]
+
+
+def test_get_job_by_prefix_and_latest(sqlite_url):
+    with session_scope(sqlite_url) as s:
+        a = create_job(s, source="a", queue="cpu", total=1).id
+    with session_scope(sqlite_url) as s:
+        assert get_job(s, job_id=a[:6]).id == a
+        assert get_job(s, job_id="latest").id == a
+        with pytest.raises(NotFound, match="no job"):
+            get_job(s, job_id="nope-nope")
+
+
+def test_registry_keeps_one_active_model(sqlite_url):
+    with session_scope(sqlite_url) as s:
+        for v in ("1", "2"):
+            register_model(s, name="m", version=v, arch="tiny", path=f"/m{v}", sha256=v * 64,
+                           classes=["a"], metrics={"test": {"accuracy": 0.5}})  # fmt: skip
+    with session_scope(sqlite_url) as s:
+        assert active_model(s).version == "2"
