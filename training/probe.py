@@ -1,0 +1,76 @@
+"""Which timm variant and normalisation fit the offline EfficientNet-Lite0 weights best.
+
+Run: ``python -m training.probe --data /work/shared/trashnet`` (a logistic-regression probe on
+pooled features; fitted on the train split, scored on the val split, the test split unused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+import timm
+import torch
+
+from training.data import load_resized, load_split
+from training.features import extract
+from training.models import (
+    HALF,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _load_by_position,
+    _offline_lite0_state,
+)
+from training.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+
+def probe(data: str, cache_dir: str = "cache") -> list[dict]:
+    """Fit a probe for each (variant, normalisation); return val accuracy and macro-F1."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
+    ds = load_split(data)
+    tr, va = ds.split("train"), ds.split("val")
+    imgs_tr = load_resized(ds, tr, cache_dir=cache_dir)
+    imgs_va = load_resized(ds, va, cache_dir=cache_dir)
+    y_tr = np.array([ds.label_index(s) for s in tr])
+    y_va = np.array([ds.label_index(s) for s in va])
+    rows = []
+    for variant in ("tf_efficientnet_lite0", "efficientnet_lite0"):
+        model = timm.create_model(variant, pretrained=False, num_classes=1000)
+        _load_by_position(model, _offline_lite0_state())
+        model = model.to(memory_format=torch.channels_last).eval()
+        for norm, (mean, std) in {
+            "half": (HALF, HALF),
+            "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+        }.items():
+            spec = PreprocessSpec(mean=mean, std=std)
+            t = time.time()
+            f_tr, f_va = extract(model, imgs_tr, spec), extract(model, imgs_va, spec)
+            clf = LogisticRegression(max_iter=3000, C=1.0).fit(f_tr, y_tr)
+            p = clf.predict(f_va)
+            row = {
+                "variant": variant,
+                "norm": norm,
+                "val_accuracy": round(float(accuracy_score(y_va, p)), 4),
+                "val_macro_f1": round(float(f1_score(y_va, p, average="macro")), 4),
+                "seconds": round(time.time() - t, 1),
+            }
+            log.info("%s", row)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--cache-dir", default="cache")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    probe(a.data, a.cache_dir)
