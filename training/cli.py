@@ -1,0 +1,300 @@
+"""``sortline train``, ``sortline evaluate`` and ``sortline predict``: thin wrappers."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from training.augment import PRESETS
+from training.config import DEFAULT_CHECKPOINT
+from training.models import ARCHS
+
+
+@contextmanager
+def _user_errors():
+    """Turn errors a user can cause into one-line messages."""
+    from training.checkpoint import CheckpointError
+    from training.data import DatasetError
+    from training.imaging import ImageError
+    from training.models import WeightsUnavailable
+
+    try:
+        yield
+    except (DatasetError, CheckpointError, ImageError, WeightsUnavailable, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _checkpoint_option(f):
+    return click.option(
+        "--checkpoint",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=DEFAULT_CHECKPOINT,
+        show_default="models/sortline-trashnet.safetensors",
+        help="Model checkpoint (.safetensors).",
+    )(f)
+
+
+@click.command()
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="ImageFolder directory: one sub-folder of images per class.",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCHS)),
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Architecture from the model factory.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["frozen", "finetune"]),
+    default="frozen",
+    show_default=True,
+    help="frozen: linear head on cached backbone features; finetune: train the whole network.",
+)
+@click.option(
+    "--pretrained",
+    type=click.Choice(["auto", "offline", "hub", "none"]),
+    default="auto",
+    show_default=True,
+    help="Where ImageNet weights come from.",
+)
+@click.option(
+    "--epochs", type=click.IntRange(1), default=None, help="Epochs [frozen 15, finetune 10]."
+)
+@click.option("--lr", type=float, default=None, help="Learning rate of the head [1e-3].")
+@click.option(
+    "--backbone-lr", type=float, default=None, help="finetune: backbone learning rate [2e-4]."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option(
+    "--augment",
+    type=click.Choice(PRESETS),
+    default=None,
+    help="Augmentation preset [frozen: combined, finetune: robust].",
+)
+@click.option(
+    "--balance",
+    type=click.Choice(["sampler", "loss", "none"]),
+    default="loss",
+    show_default=True,
+    help="Class imbalance: weighted sampler, class-weighted loss, or nothing.",
+)
+@click.option(
+    "--aug-views",
+    type=click.IntRange(0),
+    default=3,
+    show_default=True,
+    help="frozen: augmented feature views cached per training image (online augmentation).",
+)
+@click.option(
+    "--ema", type=float, default=0.0, show_default=True, help="finetune: EMA decay (0 = off)."
+)
+@click.option(
+    "--wise-alpha",
+    type=float,
+    default=None,
+    help="finetune: WiSE-FT weight of the fine-tuned model (else chosen on val among 0.5-1).",
+)
+@click.option("--tta/--no-tta", default=False, help="finetune: also report flip-TTA test figures.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training run.")
+@click.option(
+    "--split-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the train/val/test split (keep it fixed to compare runs).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder [runs/<arch>-<mode>-<time>].",
+)
+@click.option(
+    "--name", default="sortline-trashnet", show_default=True, help="Model name in the registry."
+)
+@click.option("--version", default=None, help="Model version [UTC time of the run].")
+@click.option("--half", is_flag=True, help="Store weights as float16 (half the file size).")
+@click.option(
+    "--no-register", is_flag=True, help="Do not record the checkpoint in the models table."
+)
+@click.option("--no-robustness", is_flag=True, help="Skip the robustness check at the end.")
+def train(
+    data,
+    arch,
+    mode,
+    pretrained,
+    epochs,
+    lr,
+    backbone_lr,
+    batch_size,
+    augment,
+    balance,
+    aug_views,
+    ema,
+    wise_alpha,
+    tta,
+    seed,
+    split_seed,
+    out,
+    name,
+    version,
+    half,
+    no_register,
+    no_robustness,
+) -> None:
+    """Train a classifier on an ImageFolder and write a run folder with its checkpoint.
+
+    The run folder gets the split manifest, per-epoch history, metrics (val each epoch, test
+    once), a classification report, confusion matrix and curves PNGs, and model.safetensors.
+    """
+    from dataclasses import replace
+
+    from training.config import get_training_settings
+    from training.train import FinetuneParams, FrozenParams, RunConfig
+    from training.train import train as run_training
+
+    settings = get_training_settings()
+    out = (
+        out or settings.runs_dir / f"{arch}-{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    )
+    frozen = FrozenParams(batch_size=batch_size)
+    ft = FinetuneParams(batch_size=batch_size, ema_decay=ema, tta=tta)
+    if mode == "frozen":
+        frozen = replace(
+            frozen, **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
+        )
+    else:
+        changes = {"epochs": epochs, "lr": lr, "backbone_lr": backbone_lr}
+        ft = replace(ft, **{k: v for k, v in changes.items() if v is not None})
+        ft = replace(
+            ft,
+            wise_alpha=wise_alpha,
+            wise_alphas=() if wise_alpha is not None else (0.5, 0.7, 0.85, 1.0),
+        )
+    cfg = RunConfig(
+        data=str(data),
+        out=str(out),
+        arch=arch,
+        mode=mode,
+        pretrained=pretrained,
+        augment=augment,
+        aug_views=aug_views,
+        balance=balance,
+        seed=seed,
+        split_seed=split_seed,
+        frozen=frozen,
+        finetune=ft,
+        robustness=not no_robustness,
+        name=name,
+        version=version,
+        half=half,
+        register=not no_register,
+        cache_dir=str(settings.cache_dir),
+    )
+
+    def progress(rec: dict) -> None:
+        click.echo(
+            f"epoch {rec['epoch']:>3}  train loss {rec['train_loss']:.4f}  val loss {rec['val_loss']:.4f}"
+            f"  val acc {rec['val_acc']:.4f}  val macro-F1 {rec['val_macro_f1']:.4f}  ({rec['seconds']:.1f} s)"
+        )
+
+    click.echo(f"training {arch} ({mode}) on {data} -> {out}")
+    with _user_errors():
+        try:
+            summary = run_training(cfg, on_epoch=progress)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    m = summary["metrics"]
+    click.echo(
+        f"test: accuracy {m['test']['accuracy']:.4f}  macro-F1 {m['test']['macro_f1']:.4f}  "
+        f"(n={m['test']['n']}); temperature {m['calibration']['temperature']:.3f}, "
+        f"val ECE {m['calibration']['ece_before']:.4f} -> {m['calibration']['ece_after']:.4f}"
+    )
+    if "test_robustness" in m:
+        r = m["test_robustness"]["mean_corrupted"]
+        click.echo(
+            f"robustness (test, mean over corruptions): accuracy {r['accuracy']:.4f}  "
+            f"macro-F1 {r['macro_f1']:.4f}"
+        )
+    click.echo(f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s)")
+    if summary.get("registered"):
+        click.echo(f"registered as {summary['registered']}")
+
+
+@click.command()
+@_checkpoint_option
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Labelled ImageFolder directory (class folders named like the model's classes).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
+def evaluate(checkpoint, data, as_json) -> None:
+    """Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."""
+    from training.evaluate import evaluate_checkpoint, report_text
+
+    with _user_errors():
+        m = evaluate_checkpoint(checkpoint, data)
+    if as_json:
+        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion")
+        click.echo(json.dumps({k: m[k] for k in keep if k in m}))
+        return
+    classes = list(m["per_class"])
+    click.echo(f"model {m['model']} on {data}")
+    click.echo(report_text(m, classes), nl=False)
+    click.echo(f"expected calibration error (calibrated): {m['ece']:.4f}")
+    for s in m["skipped"]:
+        click.echo(f"skipped {s['file']}: {s['reason']}", err=True)
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@_checkpoint_option
+@click.option(
+    "--grid",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also save a gallery PNG of the photos titled with label and confidence.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+def predict(images, checkpoint, grid, as_json) -> None:
+    """Classify image files: label and calibrated confidence for each."""
+    from training.evaluate import plot_grid, predict_files
+
+    missing = [str(p) for p in images if not p.exists()]
+    if missing:
+        raise click.ClickException(f"no such file: {', '.join(missing)}")
+    with _user_errors():
+        results = predict_files(images, checkpoint)
+    failed = 0
+    for r in results:
+        if "error" in r:
+            failed += 1
+            if as_json:
+                click.echo(json.dumps({"file": r["file"], "error": r["error"]}))
+            else:
+                click.echo(f"{r['file']}: error: {r['error']}", err=True)
+            continue
+        if as_json:
+            click.echo(
+                json.dumps({k: r[k] for k in ("file", "label", "confidence", "probabilities")})
+            )
+        else:
+            click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%})")
+    if grid:
+        ok = [r for r in results if "error" not in r]
+        plot_grid([(r["image"], f"{r['label']} {r['confidence']:.0%}") for r in ok], grid)
+        if not as_json:
+            click.echo(f"grid saved to {grid}")
+    if failed == len(results):
+        raise click.ClickException("no image could be read")

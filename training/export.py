@@ -1,0 +1,72 @@
+"""ONNX export of a checkpoint, checked against PyTorch, and a cache of exported models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The exported model disagrees with PyTorch beyond the tolerance."""
+
+
+def export_onnx(
+    checkpoint: str | Path, out: str | Path, *, atol: float = 1e-3, opset: int = 17
+) -> dict:
+    """Export *checkpoint* to ONNX at *out* (dynamic batch axis) and check parity.
+
+    Returns the largest absolute logit difference against PyTorch on a random batch of 3;
+    raises :class:`ExportError` if it exceeds *atol* or the top-1 classes differ.
+    """
+    import onnxruntime as ort
+
+    from training.checkpoint import load_checkpoint, preprocess_spec
+
+    model, meta = load_checkpoint(checkpoint)
+    model.eval()
+    spec = preprocess_spec(meta)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(1, 3, spec.crop, spec.crop)
+    tmp = out.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(tmp),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    x = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((3, 3, spec.crop, spec.crop)).astype(np.float32)
+    )
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    diff = float(np.abs(ref - got).max())
+    if diff > atol or (ref.argmax(1) != got.argmax(1)).any():
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX output differs from PyTorch by {diff:.2e} (tolerance {atol:.0e})")
+    tmp.replace(out)
+    log.info("exported %s -> %s (max |diff| %.2e)", checkpoint, out, diff)
+    return {"path": str(out), "max_abs_diff": diff, "opset": opset}
+
+
+def cached_onnx(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The ONNX export of *checkpoint*, made on first use and kept in a cache keyed by its sha256."""
+    from training.checkpoint import file_sha256
+    from training.config import get_training_settings
+
+    cache = Path(cache_dir) if cache_dir else get_training_settings().cache_dir / "onnx"
+    path = cache / f"{Path(checkpoint).stem}-{file_sha256(checkpoint)[:16]}.onnx"
+    if not path.exists():
+        export_onnx(checkpoint, path)
+    return path

@@ -1,0 +1,611 @@
+"""Training: the frozen regime (linear head on cached features) and the finetune regime.
+
+The building blocks are small and importable so that an Optuna objective can call them:
+:func:`train_frozen` takes cached features and a :class:`FrozenParams` and reports each
+epoch's validation figures through ``on_epoch``; :func:`train_finetune` does the same for a
+whole network. :func:`train` assembles a full run (split, manifest, features, training,
+evaluation, calibration, plots, checkpoint, registry).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from training import evaluate as ev
+from training.augment import build_augment
+from training.data import load_resized, load_split, write_manifest
+from training.features import cached_features, extract, spec_key
+from training.models import ARCHS, create_model, head_module, split_backbone_head
+from training.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict], None]
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Inverse-frequency weights, normalised to mean 1 over the samples."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    w = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return w.astype(np.float32)
+
+
+def _sampler_order(y: np.ndarray, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    w = class_weights(y, num_classes)[y]
+    return torch.multinomial(
+        torch.as_tensor(w, dtype=torch.double), len(y), replacement=True, generator=gen
+    )
+
+
+def _epoch_order(
+    y: np.ndarray, num_classes: int, balance: str, gen: torch.Generator
+) -> torch.Tensor:
+    if balance == "sampler":
+        return _sampler_order(y, num_classes, gen)
+    return torch.randperm(len(y), generator=gen)
+
+
+def _loss_fn(y: np.ndarray, num_classes: int, balance: str, smoothing: float = 0.0) -> nn.Module:
+    weight = torch.from_numpy(class_weights(y, num_classes)) if balance == "loss" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
+
+
+def _check_balance(balance: str) -> None:
+    if balance not in ("sampler", "loss", "none"):
+        raise ValueError(f"balance must be sampler, loss or none, not {balance!r}")
+
+
+def _val_record(
+    epoch: int,
+    train_loss: float,
+    train_acc: float,
+    logits: np.ndarray,
+    y: np.ndarray,
+    classes_n: int,
+    seconds: float,
+) -> dict:
+    pred = logits.argmax(1)
+    from sklearn.metrics import f1_score
+
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": ev.nll(logits, y),
+        "val_acc": float((pred == y).mean()),
+        "val_macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(classes_n)))),
+        "seconds": round(seconds, 2),
+    }
+
+
+# ---------------------------------------------------------------- frozen regime
+
+
+@dataclass
+class FrozenParams:
+    """The reference study's head training: Adam, StepLR, 15 epochs."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    step_size: int = 5
+    gamma: float = 0.5
+    epochs: int = 15
+    balance: str = "loss"
+    seed: int = 0
+
+
+@dataclass
+class Features:
+    """Cached pooled features. ``train`` may hold several augmented views: (V, N, D)."""
+
+    train: np.ndarray
+    y_train: np.ndarray
+    val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+    def view(self, epoch: int) -> np.ndarray:
+        return self.train[epoch % len(self.train)] if self.train.ndim == 3 else self.train
+
+
+def train_frozen(
+    feats: Features, params: FrozenParams, on_epoch: EpochCallback | None = None
+) -> tuple[nn.Linear, list[dict]]:
+    """Train a linear head on cached features; return it and the per-epoch history.
+
+    Each epoch uses the next augmented view of the training features (if there are several).
+    ``on_epoch`` receives every epoch's record (val loss, accuracy, macro-F1); it may raise to
+    stop early (an Optuna pruner does).
+    """
+    _check_balance(params.balance)
+    torch.manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    dim = feats.val.shape[1]
+    head = nn.Linear(dim, feats.num_classes)
+    opt = torch.optim.Adam(head.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=params.step_size, gamma=params.gamma)
+    loss_fn = _loss_fn(feats.y_train, feats.num_classes, params.balance)
+    y_tr = torch.from_numpy(feats.y_train).long()
+    x_va = torch.from_numpy(feats.val)
+    history = []
+    for epoch in range(1, params.epochs + 1):
+        t0 = time.perf_counter()
+        x_tr = torch.from_numpy(feats.view(epoch - 1))
+        order = _epoch_order(feats.y_train, feats.num_classes, params.balance, gen)
+        head.train()
+        tot, correct = 0.0, 0
+        for i in range(0, len(order), params.batch_size):
+            idx = order[i : i + params.batch_size]
+            logits = head(x_tr[idx])
+            loss = loss_fn(logits, y_tr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y_tr[idx]).sum())
+        sched.step()
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(x_va).numpy()
+        rec = _val_record(
+            epoch,
+            tot / len(order),
+            correct / len(order),
+            val_logits,
+            feats.y_val,
+            feats.num_classes,
+            time.perf_counter() - t0,
+        )
+        history.append(rec)
+        if on_epoch:
+            on_epoch(rec)
+    return head, history
+
+
+# ---------------------------------------------------------------- finetune regime
+
+
+@dataclass
+class FinetuneParams:
+    """Whole-network fine-tuning: AdamW, discriminative LRs, cosine with warm-up."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3  # head
+    backbone_lr: float = 2e-4
+    weight_decay: float = 0.02
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # 0 = off
+    augment: str = "robust"
+    balance: str = "sampler"
+    freeze_bn: bool = True  # keep BatchNorm statistics from pre-training (better robustness)
+    lp_init: bool = True  # LP-FT: start from the linear probe's head
+    wise_alpha: float | None = None  # WiSE-FT: blend with the frozen model (1 = fine-tuned only)
+    wise_alphas: tuple[float, ...] = ()  # or choose alpha among these on the val split
+    tta: bool = False
+    seed: int = 0
+
+
+class _EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval()
+        for p in self.shadow.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for s, m in zip(
+            self.shadow.state_dict().values(), model.state_dict().values(), strict=True
+        ):
+            if s.is_floating_point():
+                s.mul_(self.decay).add_(m.detach(), alpha=1 - self.decay)
+            else:
+                s.copy_(m)
+
+
+def _set_bn_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def wise_blend(zero: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], alpha: float) -> dict:
+    """Weight-space ensemble: (1 - alpha) * zero + alpha * ft for floating tensors."""
+    return {
+        k: (1 - alpha) * zero[k] + alpha * v if v.is_floating_point() else v for k, v in ft.items()
+    }
+
+
+def train_finetune(
+    model: nn.Module,
+    train_images: Sequence[np.ndarray],
+    y_train: np.ndarray,
+    val_images: Sequence[np.ndarray],
+    y_val: np.ndarray,
+    spec: PreprocessSpec,
+    params: FinetuneParams,
+    *,
+    num_classes: int,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """Fine-tune *model* (its head already initialised, e.g. by the probe); return it + history."""
+    _check_balance(params.balance)
+    seed_everything(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    aug = build_augment(params.augment, spec)
+    model = model.to(memory_format=torch.channels_last)
+    backbone, head = split_backbone_head(model)
+    opt = torch.optim.AdamW(
+        [{"params": backbone, "lr": params.backbone_lr}, {"params": head, "lr": params.lr}],
+        weight_decay=params.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(y_train) / params.batch_size)
+    total = params.epochs * steps_per_epoch
+    warm = int(params.warmup_epochs * steps_per_epoch)
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    loss_fn = _loss_fn(y_train, num_classes, params.balance, params.label_smoothing)
+    ema = _EMA(model, params.ema_decay) if params.ema_decay > 0 else None
+    history = []
+    for epoch in range(1, params.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        if params.freeze_bn:
+            _set_bn_eval(model)
+        order = _epoch_order(y_train, num_classes, params.balance, gen).tolist()
+        tot, correct, n = 0.0, 0, 0
+        for i in range(0, len(order), params.batch_size):
+            idx = order[i : i + params.batch_size]
+            x = torch.from_numpy(np.stack([aug(Image.fromarray(train_images[j])) for j in idx]))
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(y_train[idx]).long()
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema:
+                ema.update(model)
+            tot += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(idx)
+        scored = ema.shadow if ema else model
+        val_logits = ev.predict_logits(scored, val_images, spec, tta=params.tta)
+        rec = _val_record(
+            epoch, tot / n, correct / n, val_logits, y_val, num_classes, time.perf_counter() - t0
+        )
+        history.append(rec)
+        log.info("epoch %d: %s", epoch, rec)
+        if on_epoch:
+            on_epoch(rec)
+    return (ema.shadow if ema else model), history
+
+
+SELECTION_CORRUPTIONS = (
+    "clean",
+    "background_wood",
+    "background_dark",
+    "zoom_out_0.6",
+    "scene",
+    "blur_2.5",
+    "jpeg_q15",
+)
+
+
+def choose_wise_alpha(
+    model: nn.Module, zero_state: dict, alphas: Sequence[float], val_images, y_val, spec
+) -> tuple[float, dict]:
+    """Pick the WiSE-FT mixing weight on the val split.
+
+    The score is the mean of clean val macro-F1 and the mean macro-F1 over a few robustness
+    corruptions of the val images; the test split plays no part.
+    """
+    from training.robustness import robustness_report
+
+    ft_state = copy.deepcopy(model.state_dict())
+    table = {}
+    for a in alphas:
+        model.load_state_dict(wise_blend(zero_state, ft_state, a))
+        rep = robustness_report(model, val_images, y_val, spec, names=SELECTION_CORRUPTIONS)
+        clean = rep["per_corruption"]["clean"]["macro_f1"]
+        table[str(a)] = {
+            "val_macro_f1": clean,
+            "val_robust_macro_f1": rep["mean_corrupted"]["macro_f1"],
+            "score": (clean + rep["mean_corrupted"]["macro_f1"]) / 2,
+        }
+        log.info("WiSE-FT alpha %s on val: %s", a, table[str(a)])
+    model.load_state_dict(ft_state)
+    best = max(alphas, key=lambda a: (table[str(a)]["score"], a))
+    return float(best), {
+        "split": "val",
+        "corruptions": list(SELECTION_CORRUPTIONS),
+        "alphas": table,
+    }
+
+
+# ---------------------------------------------------------------- a full run
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; stored in the checkpoint as its training settings."""
+
+    data: str
+    out: str
+    arch: str = "efficientnet_lite0"
+    mode: str = "frozen"
+    pretrained: str = "auto"
+    augment: str | None = None  # default: combined (frozen), robust (finetune)
+    aug_views: int = 3  # frozen mode: augmented feature views cached per training image
+    balance: str = "loss"
+    seed: int = 0
+    split_seed: int = 0
+    resize: int = 256
+    crop: int = 224
+    frozen: FrozenParams = field(default_factory=FrozenParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    robustness: bool = True
+    name: str = "sortline-trashnet"
+    version: str | None = None
+    half: bool = False
+    register: bool = True
+    cache_dir: str = "cache"
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+def _frozen_features(
+    cfg: RunConfig, model, images: dict, spec, manifest_sha: str, augment: str, views: int
+) -> dict[str, np.ndarray]:
+    """Clean features of every split, plus *views* augmented views of the training images."""
+    key = {
+        "arch": cfg.arch,
+        "pretrained": cfg.pretrained,
+        "manifest_sha256": manifest_sha,
+        "preprocess": spec_key(spec),
+    }
+    out = cached_features(
+        key,
+        lambda: {sp: extract(model, images[sp], spec) for sp in ("train", "val", "test")},
+        cfg.cache_dir,
+    )
+    if views:
+
+        def compute() -> dict[str, np.ndarray]:
+            seed_everything(cfg.seed)
+            aug = build_augment(augment, spec)
+            return {
+                "train_aug": np.stack(
+                    [extract(model, images["train"], spec, transform=aug) for _ in range(views)]
+                )
+            }
+
+        aug_key = {**key, "augment": augment, "views": views, "seed": cfg.seed}
+        out = {**out, **cached_features(aug_key, compute, cfg.cache_dir)}
+    return out
+
+
+def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
+    """Run one training end to end; write everything into ``cfg.out``; return the summary."""
+    from training.checkpoint import save_checkpoint
+
+    if cfg.mode not in ("frozen", "finetune"):
+        raise ValueError(f"mode must be frozen or finetune, not {cfg.mode!r}")
+    _check_balance(cfg.balance)
+    augment = cfg.augment or ("combined" if cfg.mode == "frozen" else "robust")
+    t_start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    ds = load_split(cfg.data, seed=cfg.split_seed)
+    manifest_sha = write_manifest(ds, out)
+    for f, why in ds.skipped:
+        log.warning("skipped corrupt image %s: %s", f, why)
+    classes = ds.classes
+    info = ARCHS.get(cfg.arch)
+    if info is None:
+        raise ValueError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    spec = PreprocessSpec(resize=cfg.resize, crop=cfg.crop, mean=info.mean, std=info.std)
+    split = {sp: ds.split(sp) for sp in ("train", "val", "test")}
+    y = {sp: np.array([ds.label_index(s) for s in split[sp]], dtype=np.int64) for sp in split}
+    images = {
+        sp: load_resized(ds, split[sp], short_side=cfg.resize, cache_dir=Path(cfg.cache_dir))
+        for sp in split
+    }
+    log.info("data: %s", {sp: len(v) for sp, v in split.items()})
+
+    model = create_model(cfg.arch, num_classes=len(classes), pretrained=cfg.pretrained)
+    model = model.to(memory_format=torch.channels_last).eval()
+    nc = len(classes)
+
+    views = cfg.aug_views if (cfg.mode == "frozen" and augment != "none") else 0
+    feats = _frozen_features(cfg, model, images, spec, manifest_sha, augment, views)
+    train_x = feats["train_aug"] if views else feats["train"]
+    fparams = FrozenParams(**{**asdict(cfg.frozen), "balance": cfg.balance, "seed": cfg.seed})
+    probe_head, probe_hist = train_frozen(
+        Features(train_x, y["train"], feats["val"], y["val"], nc),
+        fparams,
+        on_epoch if cfg.mode == "frozen" else None,
+    )
+    head = head_module(model)
+    with torch.no_grad():
+        head_lin = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+        head_lin.weight.copy_(probe_head.weight)
+        head_lin.bias.copy_(probe_head.bias)
+    history = probe_hist
+    extra: dict = {}
+    if cfg.mode == "finetune":
+        fp = FinetuneParams(
+            **{**asdict(cfg.finetune), "seed": cfg.seed, "balance": cfg.balance, "augment": augment}
+        )
+        zero_state = copy.deepcopy(model.state_dict())
+        if not fp.lp_init:
+            nn.init.normal_(head_lin.weight, std=0.01)
+            nn.init.zeros_(head_lin.bias)
+        model, history = train_finetune(
+            model,
+            images["train"],
+            y["train"],
+            images["val"],
+            y["val"],
+            spec,
+            fp,
+            num_classes=nc,
+            on_epoch=on_epoch,
+        )
+        extra["probe_history"] = probe_hist
+        alpha = fp.wise_alpha
+        if fp.wise_alphas:
+            alpha, extra["wise_selection"] = choose_wise_alpha(
+                model, zero_state, fp.wise_alphas, images["val"], y["val"], spec
+            )
+        if alpha is not None and alpha < 1:
+            model.load_state_dict(wise_blend(zero_state, model.state_dict(), alpha))
+        extra["wise_alpha"] = alpha
+    model.eval()
+
+    val_logits = ev.predict_logits(model, images["val"], spec)
+    cal = ev.calibration(val_logits, y["val"])
+    val_m = ev.classification_metrics(y["val"], val_logits.argmax(1), classes)
+    test_logits = ev.predict_logits(model, images["test"], spec)  # once, at the end
+    test_m = ev.classification_metrics(y["test"], test_logits.argmax(1), classes)
+    test_m["ece"] = ev.expected_calibration_error(
+        ev.softmax(test_logits, cal["temperature"]), y["test"]
+    )
+    metrics = {"val": _short(val_m), "test": _short(test_m), "calibration": cal}
+    if "wise_selection" in extra:
+        metrics["wise_selection"] = extra["wise_selection"]
+    if cfg.mode == "finetune" and cfg.finetune.tta:
+        tl = ev.predict_logits(model, images["test"], spec, tta=True)
+        metrics["test_flip_tta"] = _short(
+            ev.classification_metrics(y["test"], tl.argmax(1), classes)
+        )
+    if cfg.robustness:
+        from training.robustness import robustness_report
+
+        rob = robustness_report(model, images["test"], y["test"], spec)
+        metrics["test_robustness"] = rob
+        ev.save_json(rob, out / "robustness.json")
+
+    elapsed = time.time() - t_start
+    ev.save_json(
+        {
+            "val": val_m,
+            "test": test_m,
+            "calibration": cal,
+            **{k: v for k, v in metrics.items() if k not in ("val", "test", "calibration")},
+        },
+        out / "metrics.json",
+    )
+    (out / "classification_report.txt").write_text(
+        "test split\n"
+        + ev.report_text(test_m, classes)
+        + "\nval split\n"
+        + ev.report_text(val_m, classes)
+    )
+    ev.plot_confusion(test_m["confusion"], classes, out / "confusion_matrix.png", "test split")
+    ev.plot_curves(history, out / "curves.png")
+    _write_history(history, out / "history.csv")
+    if extra.get("probe_history"):
+        _write_history(extra["probe_history"], out / "probe_history.csv")
+
+    version = cfg.version or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    settings = asdict(cfg)
+    meta = {
+        "name": cfg.name,
+        "version": version,
+        "arch": cfg.arch,
+        "classes": classes,
+        "preprocess": spec.to_dict(),
+        "temperature": cal["temperature"],
+        "metrics": metrics,
+        "manifest_sha256": manifest_sha,
+        "training": {**settings, "seconds": round(elapsed, 1)},
+    }
+    ckpt = out / "model.safetensors"
+    sha = save_checkpoint(ckpt, model, meta, half=cfg.half)
+    summary = {
+        "checkpoint": str(ckpt),
+        "sha256": sha,
+        "version": version,
+        "seconds": round(elapsed, 1),
+        "metrics": metrics,
+        "manifest_sha256": manifest_sha,
+    }
+    ev.save_json(summary, out / "summary.json")
+    if cfg.register:
+        summary["registered"] = register(ckpt)
+    return summary
+
+
+def _short(m: dict) -> dict:
+    return {k: m[k] for k in ("n", "accuracy", "macro_f1", "per_class") if k in m} | (
+        {"ece": m["ece"]} if "ece" in m else {}
+    )
+
+
+def register(checkpoint: str | Path) -> str:
+    """Record a checkpoint in the models table (and make it the active model)."""
+    from db.engine import session_scope
+    from db.migrate import ensure_schema
+    from db.service import register_model
+    from training.checkpoint import file_sha256, read_metadata
+
+    meta = read_metadata(checkpoint)
+    ensure_schema()
+    with session_scope() as s:
+        register_model(
+            s,
+            name=meta["name"],
+            version=meta["version"],
+            arch=meta["arch"],
+            path=str(Path(checkpoint).resolve()),
+            sha256=file_sha256(checkpoint),
+            classes=meta["classes"],
+            metrics=meta["metrics"],
+            activate=True,
+        )
+    return f"{meta['name']}:{meta['version']}"
+
+
+def config_json(cfg: RunConfig) -> str:
+    return json.dumps(asdict(cfg), indent=1)
