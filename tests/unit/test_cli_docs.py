@@ -35,3 +35,25 @@ def test_command_has_help_and_is_in_readme(path):
     cmd = dict((tuple(p), c) for p, c in _all_commands())[tuple(path)]
     assert (cmd.help or "").strip(), f"`sortline {' '.join(path)}` has no help text"
     assert f"sortline {' '.join(path)}" in README, f"`sortline {' '.join(path)}` not in README"
+
+
+def _settings_classes():
+    import importlib
+
+    from db.config import SortlineSettings
+
+    for mod in ("db.config", "worker.config", "producer.config", "training.config"):
+        importlib.import_module(mod)
+    seen, todo = [], list(SortlineSettings.__subclasses__())
+    while todo:
+        c = todo.pop()
+        seen.append(c)
+        todo.extend(c.__subclasses__())
+    return seen
+
+
+@pytest.mark.parametrize("cls", _settings_classes(), ids=lambda c: c.__name__)
+def test_every_setting_is_in_the_readme_table(cls):
+    for name in cls.model_fields:
+        var = f"`SORTLINE_{name.upper()}`"
+        assert f"| {var} |" in README, f"{var} ({cls.__name__}) missing from the README table"
