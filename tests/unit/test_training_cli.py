@@ -1,0 +1,86 @@
+"""The train / evaluate / predict commands, run through the real console-script group."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sortline.cli import cli
+from tests.unit.test_training import CLASSES, make_imagefolder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = make_imagefolder(root / "data", per_class=8)
+    out = root / "run"
+    env = {"SORTLINE_CACHE_DIR": str(root / "cache")}
+    r = CliRunner().invoke(
+        cli,
+        ["train", "--data", str(data), "--arch", "tiny", "--pretrained", "none", "--epochs", "2",
+         "--out", str(out), "--no-register", "--no-robustness"],
+        env=env,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return {"data": data, "out": out, "output": r.output}
+
+
+def test_train_shows_progress_per_epoch(trained):
+    assert "epoch   1" in trained["output"] and "epoch   2" in trained["output"]
+    assert "test: accuracy" in trained["output"]
+    assert (trained["out"] / "model.safetensors").exists()
+
+
+def test_evaluate_json(trained):
+    ckpt = trained["out"] / "model.safetensors"
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output.strip().splitlines()[-1])
+    assert m["n"] == 6 * 8 + 2  # the corrupt file is skipped
+    assert set(m["per_class"]) == set(CLASSES)
+    assert {"precision", "recall", "f1"} <= set(m["per_class"]["glass"])
+    assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+
+
+def test_predict_json_and_grid(trained, tmp_path):
+    ckpt = trained["out"] / "model.safetensors"
+    imgs = [
+        str(trained["data"] / "glass" / "glass0.jpg"),
+        str(trained["data"] / "trash" / "broken.jpg"),
+    ]
+    grid = tmp_path / "grid.png"
+    r = CliRunner().invoke(
+        cli, ["predict", *imgs, "--checkpoint", str(ckpt), "--json", "--grid", str(grid)]
+    )
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    assert lines[0]["label"] in CLASSES and 0 < lines[0]["confidence"] <= 1
+    assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
+    assert "error" in lines[1]
+    assert grid.exists()
+
+
+def test_user_errors_have_no_traceback(trained, tmp_path):
+    r = CliRunner().invoke(cli, ["predict", str(tmp_path / "nope.jpg")])
+    assert r.exit_code != 0 and "no such file" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "missing.safetensors"),
+            "--data",
+            str(tmp_path),
+        ],
+    )
+    assert r.exit_code != 0 and "not found" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_every_command_has_help(command):
+    r = CliRunner().invoke(cli, [command, "--help"])
+    assert r.exit_code == 0 and len(r.output) > 100
