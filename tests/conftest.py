@@ -11,6 +11,7 @@ import pytest
 # Set before any sortline module reads its settings (the Celery app reads them at import).
 os.environ.setdefault("SORTLINE_BROKER_URL", "redis://127.0.0.1:6379/11")
 os.environ.setdefault("SORTLINE_HOME", tempfile.mkdtemp(prefix="sortline-home-"))
+os.environ.setdefault("SORTLINE_CACHE_DIR", tempfile.mkdtemp(prefix="sortline-cache-"))
 os.environ.pop("SORTLINE_ALLOWED_ROOTS", None)
 
 

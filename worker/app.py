@@ -68,5 +68,9 @@ def _record_concurrency(sender=None, **_) -> None:
     import os
 
     conc = getattr(sender, "concurrency", None)
+    pool = getattr(sender, "pool_cls", None)
+    pool = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "prefork" not in (pool or "prefork"):  # threads/solo: one process owns every core
+        conc = 1
     if conc:
         os.environ["SORTLINE_WORKER_CONCURRENCY"] = str(conc)

@@ -16,7 +16,7 @@ from training.imaging import ImageError
 from training.preprocess import load_and_preprocess
 from worker.config import get_worker_settings
 from worker.inputs import InputError, Item, Message, MessageError, read_item, sha256_hex
-from worker.runtime import get_classifier
+from worker.runtime import get_batcher, get_classifier
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ def error_row(item: Item, message: str, *, worker: str | None, sha: str | None =
 
 def classify_message(msg: Message, *, worker: str | None) -> int:
     """Classify the items of *msg* that have no row yet; return how many rows were written."""
-    s = get_worker_settings()
     with session_scope() as session:
         if session.get(Job, msg.job_id) is None:
             raise MessageError(f"unknown job {msg.job_id!r}")
@@ -51,6 +50,20 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
         return 0
 
     clf = get_classifier()
+    with get_batcher() as batcher:
+        rows = _classify_items(todo, clf, batcher, worker=worker)
+    now = time.time()
+    for r in rows:
+        sub = r.get("submitted_at")
+        if sub is not None:
+            r["latency_ms"] = round((now - sub.timestamp()) * 1000, 3)
+    with session_scope() as session:
+        return record_results(session, job_id=msg.job_id, rows=rows)
+
+
+def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> list[dict[str, Any]]:
+    """Read, decode and preprocess each item here; classify them in a shared batch."""
+    s = get_worker_settings()
     roots = s.resolved_roots()
     rows: list[dict[str, Any]] = []
     arrays: list[np.ndarray] = []
@@ -65,34 +78,28 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
             pending.append((it, sha, (time.perf_counter() - t0) * 1000))
         except (InputError, ImageError) as e:
             rows.append(error_row(it, str(e), worker=worker, sha=sha))
-
-    if arrays:
-        t0 = time.perf_counter()
-        probs = clf.predict(np.stack(arrays))
-        share = (time.perf_counter() - t0) * 1000 / len(arrays)
-        for (it, sha, decode_ms), p in zip(pending, probs, strict=True):
-            k = int(p.argmax())
-            conf = float(p[k])
-            rows.append(
-                {
-                    "position": it.pos,
-                    "ref": it.ref,
-                    "sha256": sha,
-                    "status": "ok",
-                    "label": clf.classes[k],
-                    "confidence": conf,
-                    "probs": {c: round(float(v), 6) for c, v in zip(clf.classes, p, strict=True)},
-                    "model_version": clf.version,
-                    "worker": worker,
-                    "processing_ms": round(decode_ms + share, 3),
-                    "needs_review": conf < s.review_threshold,
-                    "submitted_at": _ts(it.submitted_at),
-                }
-            )
-    now = time.time()
-    for r in rows:
-        sub = r.get("submitted_at")
-        if sub is not None:
-            r["latency_ms"] = round((now - sub.timestamp()) * 1000, 3)
-    with session_scope() as session:
-        return record_results(session, job_id=msg.job_id, rows=rows)
+    if not arrays:
+        return rows
+    t0 = time.perf_counter()
+    probs = batcher.predict(np.stack(arrays))
+    share = (time.perf_counter() - t0) * 1000 / len(arrays)
+    for (it, sha, decode_ms), p in zip(pending, probs, strict=True):
+        k = int(p.argmax())
+        conf = float(p[k])
+        rows.append(
+            {
+                "position": it.pos,
+                "ref": it.ref,
+                "sha256": sha,
+                "status": "ok",
+                "label": clf.classes[k],
+                "confidence": conf,
+                "probs": {c: round(float(v), 6) for c, v in zip(clf.classes, p, strict=True)},
+                "model_version": clf.version,
+                "worker": worker,
+                "processing_ms": round(decode_ms + share, 3),
+                "needs_review": conf < s.review_threshold,
+                "submitted_at": _ts(it.submitted_at),
+            }
+        )
+    return rows

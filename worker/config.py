@@ -19,6 +19,9 @@ class WorkerSettings(SortlineSettings):
     broker_url: str = "redis://localhost:6379/0"
     model: str = ""  # checkpoint path; empty: the active registered model, else the shipped one
     device: str = "auto"  # auto | cpu | cuda
+    runtime: str = "auto"  # auto (ONNX Runtime on CPU, PyTorch on CUDA) | onnx | torch
+    max_batch: int = 32  # micro-batching: images per forward pass at most
+    max_wait_ms: float = 20.0  # ... and how long the first image may wait for others
     allowed_roots: list[str] = []  # empty: any readable path
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 50_000_000

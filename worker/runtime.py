@@ -1,10 +1,19 @@
-"""The model in a worker process: loaded once on first use, after fork, never CUDA in the parent."""
+"""The model in a worker process: loaded once on first use, after fork, never CUDA in the parent.
+
+Two runtimes sit behind :class:`Classifier`: ONNX Runtime (the default on CPU, exported from
+the checkpoint on first use into a cache) and PyTorch (CPU, or CUDA with fp16 and
+channels_last). A :class:`MicroBatcher` gathers the images of concurrent tasks into one
+forward pass.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,38 +63,33 @@ def choose_model() -> ModelChoice:
     return ModelChoice(path=path, expected_sha256=expected)
 
 
-def torch_threads(concurrency: int | None = None) -> int:
+def torch_threads() -> int:
     """This process's share of the cores."""
     s = get_worker_settings()
     if s.torch_threads > 0:
         return s.torch_threads
-    conc = concurrency or int(os.environ.get("SORTLINE_WORKER_CONCURRENCY", "1") or 1)
+    conc = int(os.environ.get("SORTLINE_WORKER_CONCURRENCY", "1") or 1)
     return max(1, (os.cpu_count() or 1) // max(1, conc))
 
 
-class Classifier:
-    """A loaded checkpoint: preprocessing spec, class names, calibrated probabilities."""
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def __init__(
-        self, path: str | Path, *, expected_sha256: str | None = None, device: str = "auto"
-    ):
+
+class TorchBackend:
+    """PyTorch on CPU, or on CUDA with fp16 and channels_last."""
+
+    name = "torch"
+
+    def __init__(self, path: Path, expected_sha256: str | None, device: str):
         import torch
 
         from training.checkpoint import load_checkpoint
 
-        self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(
-                f"model checkpoint {self.path} does not exist; set SORTLINE_MODEL or run "
-                "`sortline train` (see README)"
-            )
-        self.meta = read_metadata(self.path)
-        self.sha256 = file_sha256(self.path)
-        model, meta = load_checkpoint(self.path, expected_sha256=expected_sha256)
-        self.classes: list[str] = list(meta["classes"])
-        self.spec = PreprocessSpec.from_dict(meta["preprocess"])
-        self.temperature = float(meta.get("temperature", 1.0))
-        self.version = model_version(meta)
+        model, _ = load_checkpoint(path, expected_sha256=expected_sha256)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
@@ -94,25 +98,192 @@ class Classifier:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.half().to(memory_format=torch.channels_last)
-        log.info("loaded %s (%s) on %s", self.version, self.path, self.device)
+            model = model.to(memory_format=torch.channels_last)
+        else:
+            model = model.half().to(self.device, memory_format=torch.channels_last)
+        self.model = model.eval()
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities for a batch of preprocessed CHW arrays."""
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device)
+            x = (
+                torch.from_numpy(batch)
+                .to(self.device)
+                .contiguous(memory_format=torch.channels_last)
+            )
             if self.device.type == "cuda":
-                x = x.half().to(memory_format=torch.channels_last)
-            logits = self.model(x).float() / self.temperature
-            return torch.softmax(logits, dim=1).cpu().numpy()
+                x = x.half()
+            return self.model(x).float().cpu().numpy()
+
+
+class OnnxBackend:
+    """ONNX Runtime on CPU, from an export cached next to the other caches."""
+
+    name = "onnx"
+    device = "cpu"
+
+    def __init__(self, path: Path, expected_sha256: str | None):
+        import onnxruntime as ort
+
+        from training.config import get_training_settings
+        from training.export import cached_onnx
+
+        if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+            raise CheckpointError(
+                f"{path}: sha256 does not match the registry; the file was changed after it "
+                "was registered"
+            )
+        cache = get_training_settings().cache_dir / "onnx"
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / ".lock", "w") as lock:  # one export even with many processes
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            onnx_path = cached_onnx(path, cache)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.input = self.session.get_inputs()[0].name
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch)})[0]
+
+
+class Classifier:
+    """A loaded checkpoint: preprocessing spec, class names, calibrated probabilities."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        expected_sha256: str | None = None,
+        device: str = "auto",
+        runtime: str = "auto",
+    ):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(
+                f"model checkpoint {self.path} does not exist; set SORTLINE_MODEL or run "
+                "`sortline train` (see README)"
+            )
+        meta = read_metadata(self.path)
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.spec = PreprocessSpec.from_dict(meta["preprocess"])
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.version = model_version(meta)
+        if runtime not in ("auto", "onnx", "torch"):
+            raise ValueError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
+        if runtime == "auto":
+            runtime = "torch" if device == "cuda" or _cuda_wanted(device) else "onnx"
+        if runtime == "onnx":
+            self.backend = OnnxBackend(self.path, expected_sha256)
+        else:
+            self.backend = TorchBackend(self.path, expected_sha256, device)
+        log.info("loaded %s (%s) with %s", self.version, self.path, self.backend.name)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (temperature-calibrated) for a batch of preprocessed arrays."""
+        return _softmax(self.backend.logits(batch), self.temperature)
+
+
+def _cuda_wanted(device: str) -> bool:
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class MicroBatcher:
+    """Gather the arrays of concurrent callers into one forward pass.
+
+    A batch is run when it holds ``max_batch`` images, when every task that is busy in this
+    process has handed in its images, or ``max_wait`` seconds after its first image, so a
+    lone caller never waits. A call larger than ``max_batch`` runs alone, in chunks.
+    """
+
+    def __init__(self, predict, *, max_batch: int, max_wait: float):
+        self._predict = predict
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait)
+        self._cv = threading.Condition()
+        self._pending: list[tuple[np.ndarray, Future, float]] = []
+        self._active = 0
+        self.batch_sizes: list[int] = []
+        threading.Thread(target=self._loop, name="sortline-batcher", daemon=True).start()
+
+    def __enter__(self) -> MicroBatcher:
+        with self._cv:
+            self._active += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cv:
+            self._active -= 1
+            self._cv.notify_all()
+
+    def predict(self, arrays: np.ndarray) -> np.ndarray:
+        """Probabilities for *arrays*, computed in a shared batch."""
+        fut: Future = Future()
+        with self._cv:
+            self._pending.append((arrays, fut, time.monotonic()))
+            self._cv.notify_all()
+        return fut.result()
+
+    def _ready(self) -> bool:
+        n = sum(len(a) for a, _, _ in self._pending)
+        return (
+            n >= self.max_batch
+            or len(self._pending) >= self._active
+            or time.monotonic() - self._pending[0][2] >= self.max_wait
+        )
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending:
+                    self._cv.wait()
+                while not self._ready():
+                    self._cv.wait(
+                        timeout=max(0.0005, self._pending[0][2] + self.max_wait - time.monotonic())
+                    )
+                take, n = [], 0
+                while self._pending and (
+                    not take or n + len(self._pending[0][0]) <= self.max_batch
+                ):
+                    item = self._pending.pop(0)
+                    take.append(item)
+                    n += len(item[0])
+            self._run(take)
+
+    def _run(self, take) -> None:
+        try:
+            batch = np.concatenate([a for a, _, _ in take]) if len(take) > 1 else take[0][0]
+            out = np.concatenate(
+                [
+                    self._predict(batch[i : i + self.max_batch])
+                    for i in range(0, len(batch), self.max_batch)
+                ]
+            )
+            self.batch_sizes.append(len(batch))
+            del self.batch_sizes[:-1000]
+        except BaseException as e:  # hand the error to every caller of this batch
+            for _, fut, _ in take:
+                fut.set_exception(e)
+            return
+        i = 0
+        for a, fut, _ in take:
+            fut.set_result(out[i : i + len(a)])
+            i += len(a)
 
 
 _lock = threading.Lock()
 _classifier: Classifier | None = None
+_batcher: MicroBatcher | None = None
 
 
 def get_classifier() -> Classifier:
@@ -120,16 +291,32 @@ def get_classifier() -> Classifier:
     global _classifier
     with _lock:
         if _classifier is None:
+            s = get_worker_settings()
             choice = choose_model()
             _classifier = Classifier(
                 choice.path,
                 expected_sha256=choice.expected_sha256,
-                device=get_worker_settings().device,
+                device=s.device,
+                runtime=s.runtime,
             )
         return _classifier
 
 
+def get_batcher() -> MicroBatcher:
+    """This process's micro-batcher around :func:`get_classifier`."""
+    global _batcher
+    clf = get_classifier()
+    with _lock:
+        if _batcher is None:
+            s = get_worker_settings()
+            _batcher = MicroBatcher(
+                clf.predict, max_batch=s.max_batch, max_wait=s.max_wait_ms / 1000
+            )
+        return _batcher
+
+
 def reset_classifier() -> None:
     """Forget the loaded model (tests, or after fork)."""
-    global _classifier
+    global _classifier, _batcher
     _classifier = None
+    _batcher = None
