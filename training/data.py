@@ -282,3 +282,33 @@ def load_resized(
 
 def asdict_sample(s: Sample) -> dict:
     return asdict(s)
+
+
+def link_split(dataset: Dataset, split: str, out: str | Path) -> Path:
+    """An ImageFolder of one split (symbolic links), for ``sortline evaluate --data``."""
+    out = Path(out)
+    for s in dataset.split(split):
+        dst = out / s.file
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            dst.symlink_to((dataset.root / s.file).resolve())
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write the split manifest, or link one split's files.")
+    ap.add_argument("data", help="ImageFolder directory")
+    ap.add_argument("--seed", type=int, default=0, help="split seed")
+    ap.add_argument("--manifest-dir", help="write manifest.csv/json here")
+    ap.add_argument(
+        "--link", nargs=2, metavar=("SPLIT", "OUT"), help="link SPLIT's images into OUT"
+    )
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    ds = load_split(a.data, seed=a.seed)
+    if a.manifest_dir:
+        print(write_manifest(ds, a.manifest_dir))
+    if a.link:
+        print(link_split(ds, a.link[0], a.link[1]))

@@ -1,0 +1,99 @@
+"""Turn a run's checkpoint into the shipped model: float16 weights, name, version, fresh figures.
+
+The float16 copy is scored again on the run's own val and test splits (rebuilt from its
+manifest), so the figures stored with the shipped file are the shipped file's. The temperature
+is refitted on val. Run: ``python -m training.ship runs/RUN --version 1.0.0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from training import evaluate as ev
+from training.checkpoint import file_sha256, load_checkpoint, preprocess_spec, save_checkpoint
+from training.config import DEFAULT_CHECKPOINT
+from training.data import load_resized, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def ship(
+    run_dir: str | Path,
+    *,
+    version: str,
+    out: str | Path = DEFAULT_CHECKPOINT,
+    name: str = "sortline-trashnet",
+    cache_dir: str = "cache",
+    robustness: bool = True,
+) -> dict:
+    """Write the float16 checkpoint of *run_dir* to *out*, re-scored; return its metrics."""
+    run_dir, out = Path(run_dir), Path(out)
+    model, meta = load_checkpoint(run_dir / "model.safetensors")
+    info = json.loads((run_dir / "manifest.json").read_text())
+    ds = read_manifest(run_dir / "manifest.csv", info["root"])
+    tmp = out.with_suffix(".tmp.safetensors")
+    save_checkpoint(tmp, model, meta, half=True)
+    model, _ = load_checkpoint(tmp)  # the float16 weights, back as float32
+    spec = preprocess_spec(meta)
+    classes = meta["classes"]
+    data = {}
+    for sp in ("val", "test"):
+        samples = ds.split(sp)
+        y = np.array([classes.index(s.label) for s in samples])
+        data[sp] = (load_resized(ds, samples, short_side=spec.resize, cache_dir=Path(cache_dir)), y)
+    val_logits = ev.predict_logits(model, data["val"][0], spec)
+    cal = ev.calibration(val_logits, data["val"][1])
+    test_logits = ev.predict_logits(model, data["test"][0], spec)
+    metrics = dict(meta["metrics"])
+    metrics["val"] = ev.classification_metrics(data["val"][1], val_logits.argmax(1), classes)
+    metrics["test"] = ev.classification_metrics(data["test"][1], test_logits.argmax(1), classes)
+    metrics["test"]["ece"] = ev.expected_calibration_error(
+        ev.softmax(test_logits, cal["temperature"]), data["test"][1]
+    )
+    metrics["calibration"] = cal
+    for sp in ("val", "test"):
+        metrics[sp].pop("confusion", None)
+    if robustness:
+        from training.robustness import robustness_report
+
+        metrics["test_robustness"] = robustness_report(
+            model, data["test"][0], data["test"][1], spec
+        )
+    meta = {
+        **meta,
+        "name": name,
+        "version": version,
+        "temperature": cal["temperature"],
+        "metrics": metrics,
+        "source_run": run_dir.name,
+    }
+    save_checkpoint(tmp, model, meta, half=True)
+    os.replace(tmp, out)
+    sha = file_sha256(out)
+    log.info("shipped %s (%s) -> %s", run_dir, sha[:12], out)
+    return {"path": str(out), "sha256": sha, "bytes": out.stat().st_size, "metrics": metrics}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
+    ap.add_argument("--cache-dir", default="cache")
+    ap.add_argument("--no-robustness", action="store_true")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    res = ship(
+        a.run_dir,
+        version=a.version,
+        out=a.out,
+        cache_dir=a.cache_dir,
+        robustness=not a.no_robustness,
+    )
+    print(json.dumps(res, indent=1))
