@@ -15,7 +15,15 @@ from db.service import existing_positions, record_results
 from training.imaging import ImageError
 from training.preprocess import load_and_preprocess
 from worker.config import get_worker_settings
-from worker.inputs import InputError, Item, Message, MessageError, read_item, sha256_hex
+from worker.inputs import (
+    InputError,
+    Item,
+    Message,
+    MessageError,
+    display_ref,
+    read_item,
+    sha256_hex,
+)
 from worker.runtime import get_batcher, get_classifier
 
 log = logging.getLogger(__name__)
@@ -32,7 +40,7 @@ def error_row(item: Item, message: str, *, worker: str | None, sha: str | None =
         "ref": item.ref,
         "sha256": sha,
         "status": "error",
-        "error": message[:2000],
+        "error": display_ref(message[:2000]),
         "worker": worker,
         "submitted_at": _ts(item.submitted_at),
     }
@@ -41,10 +49,15 @@ def error_row(item: Item, message: str, *, worker: str | None, sha: str | None =
 def classify_message(msg: Message, *, worker: str | None) -> int:
     """Classify the items of *msg* that have no row yet; return how many rows were written."""
     with session_scope() as session:
-        if session.get(Job, msg.job_id) is None:
+        job = session.get(Job, msg.job_id)
+        if job is None:
             raise MessageError(f"unknown job {msg.job_id!r}")
         done = existing_positions(session, job_id=msg.job_id, positions=[i.pos for i in msg.items])
-    todo = [it for it in msg.items if it.pos not in done]
+        total = job.total
+    beyond = [it.pos for it in msg.items if it.pos >= total]
+    if beyond:  # the producer numbers a job's images 0..total-1 before sending them
+        log.error("job %s: ignoring positions beyond its %d images: %s", msg.job_id, total, beyond)
+    todo = [it for it in msg.items if it.pos not in done and it.pos < total]
     if not todo:
         log.info("job %s: all %d positions already recorded", msg.job_id, len(msg.items))
         return 0
@@ -103,3 +116,17 @@ def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> li
             }
         )
     return rows
+
+
+def record_error_rows(job_id: str, items: list[Item], reason: str, *, worker: str | None) -> int:
+    """Record *reason* as the error row of each item that has no row yet; return how many.
+
+    Items of an unknown job, or beyond its last position, are only logged.
+    """
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            log.error("no job %r for %d rejected items: %s", job_id, len(items), reason)
+            return 0
+        rows = [error_row(it, reason, worker=worker) for it in items if it.pos < job.total]
+        return record_results(session, job_id=job_id, rows=rows)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+MAX_ITEMS = 10_000  # images in one task message at most
+MAX_POSITION = 2**31 - 1  # positions are 32-bit integers in the database
 
 
 class MessageError(ValueError):
@@ -42,6 +44,34 @@ def build_message(job_id: str, items: list[dict[str, Any]], submitted_at: float)
     return {"v": SCHEMA_VERSION, "job_id": job_id, "submitted_at": submitted_at, "items": items}
 
 
+def display_ref(ref: str) -> str:
+    """*ref* as text any database accepts: undecodable bytes and NULs shown escaped.
+
+    A non-UTF-8 file name arrives with surrogate escapes (``caf\\udce9.jpg``); it is stored
+    as ``caf\\xe9.jpg``, while the worker still opens the file by its real name.
+    """
+    try:
+        text = ref.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates
+        text = ref.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00")
+
+
+def _timestamp(v: Any) -> float | None:
+    """A plausible epoch time, or None (never NaN, infinite or out of datetime's range)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    v = float(v)
+    return v if 0 < v < 32_503_680_000 else None  # before the year 3000
+
+
+def _position(it: dict) -> int | None:
+    pos = it.get("pos")
+    if isinstance(pos, int) and not isinstance(pos, bool) and 0 <= pos <= MAX_POSITION:
+        return pos
+    return None
+
+
 def parse_message(raw: Any) -> Message:
     """Validate a task message; raise :class:`MessageError` naming what is wrong."""
     if not isinstance(raw, dict):
@@ -57,28 +87,50 @@ def parse_message(raw: Any) -> Message:
     items = raw.get("items")
     if not isinstance(items, list) or not items:
         raise MessageError("message has no 'items' list")
-    sub = raw.get("submitted_at")
-    sub = float(sub) if isinstance(sub, int | float) and not isinstance(sub, bool) else None
+    if len(items) > MAX_ITEMS:
+        raise MessageError(f"message has {len(items)} items; at most {MAX_ITEMS} are accepted")
+    sub = _timestamp(raw.get("submitted_at"))
     out: list[Item] = []
     for i, it in enumerate(items):
         if not isinstance(it, dict):
             raise MessageError(f"item {i} is not an object")
-        pos = it.get("pos")
-        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
-            raise MessageError(f"item {i} has no valid 'pos'")
+        pos = _position(it)
+        if pos is None:
+            raise MessageError(f"item {i} has no valid 'pos' (an integer from 0 to {MAX_POSITION})")
         path, data = it.get("path"), it.get("data")
-        item_sub = it.get("t")
-        item_sub = float(item_sub) if isinstance(item_sub, int | float) else sub
+        item_sub = _timestamp(it.get("t")) or sub
         if isinstance(path, str):
-            out.append(Item(pos=pos, ref=path, path=path, submitted_at=item_sub))
+            out.append(Item(pos=pos, ref=display_ref(path), path=path, submitted_at=item_sub))
         elif isinstance(data, str):
             key = it.get("key") if isinstance(it.get("key"), str) else f"bytes:{pos}"
-            out.append(Item(pos=pos, ref=key, data_b64=data, submitted_at=item_sub))
+            out.append(
+                Item(pos=pos, ref=display_ref(key[:1000]), data_b64=data, submitted_at=item_sub)
+            )
         else:
             raise MessageError(f"item {i} (pos {pos}) has neither 'path' nor 'data'")
     if len({it.pos for it in out}) != len(out):
         raise MessageError("message repeats a position")
     return Message(job_id=job_id, items=out, submitted_at=sub)
+
+
+def salvage(raw: Any) -> tuple[str, list[Item]] | None:
+    """From a message :func:`parse_message` rejected, the job and positions it names, if any.
+
+    The worker records an error row for each, so the job still completes and says why.
+    """
+    if not isinstance(raw, dict):
+        return None
+    job_id = raw.get("job_id")
+    items = raw.get("items")
+    if not isinstance(job_id, str) or not 0 < len(job_id) <= 64 or not isinstance(items, list):
+        return None
+    out: dict[int, Item] = {}
+    for it in items[:MAX_ITEMS]:
+        if not isinstance(it, dict) or (pos := _position(it)) is None or pos in out:
+            continue
+        ref = next((it[k] for k in ("path", "key") if isinstance(it.get(k), str)), f"pos:{pos}")
+        out[pos] = Item(pos=pos, ref=display_ref(ref[:1000]), submitted_at=_timestamp(it.get("t")))
+    return (job_id, list(out.values())) if out else None
 
 
 def _under(path: Path, roots: list[Path]) -> bool:

@@ -2,21 +2,68 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from db.engine import session_scope
-from db.service import record_results
 from worker.app import app
-from worker.classify import classify_message, error_row
+from worker.classify import classify_message, record_error_rows
 from worker.config import get_worker_settings
-from worker.inputs import MessageError, parse_message
+from worker.inputs import MessageError, parse_message, salvage
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = (OperationalError, DBAPIError, ConnectionError, TimeoutError, OSError)
+DB_DOWN = (OperationalError, InterfaceError)  # the database itself cannot be reached
+DELIVERIES_KEY = "sortline:deliveries:"
+
+_redis: tuple[int, redis.Redis | None] | None = None
+
+
+def _broker_redis() -> redis.Redis | None:
+    """A Redis client on the broker (this process's own), or None for another broker."""
+    global _redis
+    if _redis is not None and _redis[0] == os.getpid():
+        return _redis[1]
+    url = get_worker_settings().broker_url
+    opts = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    client = None
+    if url.startswith("redis+socket://"):
+        client = redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"), **opts)
+    elif url.startswith(("redis://", "rediss://", "unix://")):
+        client = redis.from_url(url, **opts)
+    _redis = (os.getpid(), client)
+    return client
+
+
+def count_delivery(task_id: str | None) -> int | None:
+    """How many times this task has started (retries included), or None if unknown.
+
+    A message that kills its worker process (segfault, out of memory) is requeued by
+    ``task_reject_on_worker_lost`` and would otherwise come back for ever.
+    """
+    client = _broker_redis()
+    if client is None or not task_id:
+        return None
+    try:
+        pipe = client.pipeline()
+        pipe.incr(DELIVERIES_KEY + task_id)
+        pipe.expire(DELIVERIES_KEY + task_id, 86_400)
+        return int(pipe.execute()[0])
+    except redis.RedisError as e:
+        log.warning("cannot count deliveries of task %s: %s", task_id, e)
+        return None
+
+
+def forget_deliveries(task_id: str | None) -> None:
+    client = _broker_redis()
+    if client is not None and task_id:
+        with contextlib.suppress(redis.RedisError):  # it expires anyway
+            client.delete(DELIVERIES_KEY + task_id)
 
 
 @app.task(
@@ -27,17 +74,27 @@ TRANSIENT = (OperationalError, DBAPIError, ConnectionError, TimeoutError, OSErro
 )
 def classify_batch(self, message: dict) -> int:
     """Classify the images of one message and write one row per image (idempotent)."""
+    worker = self.request.hostname
+    task_id = self.request.id
     try:
         msg = parse_message(message)
     except MessageError as e:
-        log.error("rejected message: %s", e)
-        return 0
-    worker = self.request.hostname
+        return _reject(self, message, str(e), worker=worker)
     limit = get_worker_settings().task_max_retries
+    deliveries = count_delivery(task_id)
+    # starts that ended neither in a retry nor in a result: the worker process died
+    crashes = 0 if deliveries is None else deliveries - 1 - self.request.retries
+    if crashes > limit:
+        reason = (
+            f"gave up: the worker process died {crashes} times while running this task "
+            f"(crash, out of memory or killed); SORTLINE_TASK_MAX_RETRIES={limit}"
+        )
+        return _give_up(self, msg, reason, worker=worker)
     try:
-        return classify_message(msg, worker=worker)
+        n = classify_message(msg, worker=worker)
     except MessageError as e:
         log.error("rejected message for job %s: %s", msg.job_id, e)
+        forget_deliveries(task_id)
         return 0
     except TRANSIENT as e:
         if self.request.retries < limit:
@@ -52,10 +109,37 @@ def classify_batch(self, message: dict) -> int:
             log.exception("job %s: unexpected error; retrying", msg.job_id)
             raise self.retry(exc=e, countdown=min(60, 2**self.request.retries)) from None
         reason = f"failed after {limit} retries: {type(e).__name__}: {e}"
+    else:
+        forget_deliveries(task_id)
+        return n
+    return _give_up(self, msg, reason, worker=worker)
+
+
+def _give_up(task, msg, reason: str, *, worker: str | None) -> int:
+    """Record *reason* as the error row of every image of *msg* that has none yet."""
     log.error("job %s: recording %d error rows: %s", msg.job_id, len(msg.items), reason)
-    with session_scope() as session:
-        return record_results(
-            session,
-            job_id=msg.job_id,
-            rows=[error_row(it, reason, worker=worker) for it in msg.items],
-        )
+    try:
+        n = record_error_rows(msg.job_id, msg.items, reason, worker=worker)
+    except DB_DOWN as e:
+        # Nothing can be recorded while the database is down: keep the message.
+        log.warning("job %s: database unreachable (%s); retry in 60 s", msg.job_id, e)
+        raise task.retry(exc=e, countdown=60) from None
+    forget_deliveries(task.request.id)
+    return n
+
+
+def _reject(task, message, reason: str, *, worker: str | None) -> int:
+    """A message that cannot be parsed: error rows for the images it names, if any."""
+    found = salvage(message)
+    if found is None:
+        log.error("rejected message (no job and positions to record it under): %s", reason)
+        return 0
+    job_id, items = found
+    log.error("rejected message for job %s: %s", job_id[:64], reason)
+    try:
+        return record_error_rows(job_id, items, f"rejected message: {reason}", worker=worker)
+    except DB_DOWN as e:
+        raise task.retry(exc=e, countdown=60) from None
+    except DBAPIError as e:  # e.g. a job id longer than the column
+        log.error("cannot record the rejected message: %s", e)
+        return 0

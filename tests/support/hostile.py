@@ -1,0 +1,133 @@
+"""Hostile and unusual image inputs, generated (nothing downloaded), for the reliability tests."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from tests.support.fixtures import jpeg_bytes
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def scene(size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """An asymmetric picture: a red block top-left, a blue bar along the bottom."""
+    w, h = size
+    img = Image.new("RGB", size, (200, 200, 60))
+    img.paste((230, 20, 20), (0, 0, w // 2, h // 2))
+    img.paste((20, 20, 230), (0, h - h // 4, w, h))
+    return img
+
+
+def truncated_jpeg() -> bytes:
+    return jpeg_bytes(7, (96, 96))[:300]
+
+
+def random_bytes(n: int = 4096, seed: int = 1) -> bytes:
+    data = random.Random(seed).randbytes(n)
+    return b"\x00\x01" + data[2:]  # never a valid magic number by chance
+
+
+def png_rgba() -> bytes:
+    img = scene().convert("RGBA")
+    img.putalpha(Image.linear_gradient("L").resize(img.size))
+    return _save(img, "PNG")
+
+
+def png_palette(transparency: bool = False) -> bytes:
+    img = scene().convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    return _save(img, "PNG", **({"transparency": 0} if transparency else {}))
+
+
+def png_16bit() -> bytes:
+    img = Image.linear_gradient("L").resize((64, 48)).point(lambda v: v * 257, "I")
+    img = img.convert("I;16")
+    data = _save(img, "PNG")
+    assert data[24] == 16, "expected a 16-bit PNG"  # IHDR bit depth
+    return data
+
+
+def jpeg_gray() -> bytes:
+    return _save(scene().convert("L"), "JPEG", quality=95)
+
+
+def jpeg_cmyk() -> bytes:
+    return _save(scene().convert("CMYK"), "JPEG", quality=95)
+
+
+def jpeg_upright() -> bytes:
+    """The picture stored upright, no EXIF (the reference for :func:`jpeg_exif_rotated`)."""
+    return _save(scene((64, 48)), "JPEG", quality=100, subsampling=0)
+
+
+def jpeg_exif_rotated() -> bytes:
+    """The same picture stored turned 90 degrees, with EXIF orientation 6 to turn it back."""
+    stored = scene((64, 48)).transpose(Image.Transpose.ROTATE_90)  # 48x64 on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    return _save(stored, "JPEG", quality=100, subsampling=0, exif=exif.tobytes())
+
+
+def gif_animated() -> bytes:
+    frames = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def webp() -> bytes:
+    return _save(scene(), "WEBP", quality=90)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares *width* x *height* pixels (10^10 by default)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile file: its name, its bytes, and what must become of it."""
+
+    name: str
+    make: Callable[[], bytes]
+    ok: bool  # True: a valid image, classified; False: an error row naming the problem
+    error: str = ""  # a fragment the error message must contain (lower case)
+
+
+FILE_CASES: list[Case] = [
+    Case("truncated.jpg", truncated_jpeg, False, "truncated"),
+    Case("empty.jpg", lambda: b"", False, "empty file"),
+    Case("random.jpg", random_bytes, False, "not an image"),
+    Case("text.jpg", lambda: b"just some text, not a photo\n", False, "not an image"),
+    Case("page.jpg", lambda: b"<!doctype html><html><body>hi</body></html>", False, "text/html"),
+    Case("rgba.png", png_rgba, True),
+    Case("palette.png", png_palette, True),
+    Case("palette-transparent.png", lambda: png_palette(True), True),
+    Case("sixteen.png", png_16bit, True),
+    Case("gray.jpg", jpeg_gray, True),
+    Case("cmyk.jpg", jpeg_cmyk, True),
+    Case("exif-rotated.jpg", jpeg_exif_rotated, True),
+    Case("animated.gif", gif_animated, True),
+    Case("photo.webp", webp, True),
+    Case("bomb.png", png_bomb, False, "decompression bomb"),
+    Case("huge.png", lambda: png_bomb(9_000, 9_000), False, "too large"),
+]
