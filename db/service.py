@@ -53,17 +53,14 @@ def grow_job(session: Session, *, job_id: str, by: int) -> int:
 
 
 def close_job(session: Session, *, job_id: str) -> None:
-    """Mark a streaming job as closed: it finishes once every image has a row."""
+    """Close a streaming job: it is done once every image it received has a row."""
+    complete = Job.done + Job.failed >= Job.total
     session.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(Job.id == job_id, Job.status == "open")
         .values(
-            kind="bulk",
-            status=case(
-                (Job.done + Job.failed >= Job.total, "done"),
-                else_="running",
-            ),
-            finished_at=case((Job.done + Job.failed >= Job.total, utcnow()), else_=None),
+            status=case((complete, "done"), else_="running"),
+            finished_at=case((complete, utcnow()), else_=None),
         )
     )
 
@@ -150,12 +147,12 @@ def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, An
                 done=Job.done + ok,
                 failed=Job.failed + err,
                 status=case(
-                    (Job.kind == "stream", Job.status),
+                    (Job.status == "open", Job.status),  # a stream still receiving images
                     (finished >= Job.total, "done"),
                     else_="running",
                 ),
                 finished_at=case(
-                    ((Job.kind != "stream") & (finished >= Job.total), now),
+                    ((Job.status != "open") & (finished >= Job.total), now),
                     else_=Job.finished_at,
                 ),
                 model_version=func.coalesce(Job.model_version, version),
@@ -172,7 +169,7 @@ def list_results(
     status: str | None = None,
     min_confidence: float | None = None,
     max_confidence: float | None = None,
-    after_position: int | None = None,
+    after_id: int | None = None,
     limit: int | None = None,
 ) -> Sequence[Result]:
     """A job's results in submission order, filtered."""
@@ -185,9 +182,10 @@ def list_results(
         q = q.where(Result.confidence >= min_confidence)
     if max_confidence is not None:
         q = q.where(Result.confidence <= max_confidence)
-    if after_position is not None:
-        q = q.where(Result.position > after_position)
-    q = q.order_by(Result.position)
+    if after_id is not None:  # rows written since an earlier read, in the order written
+        q = q.where(Result.id > after_id).order_by(Result.id)
+    else:
+        q = q.order_by(Result.position)
     if limit is not None:
         q = q.limit(limit)
     return session.scalars(q).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -168,11 +169,17 @@ def _emit(rows: list[dict], fmt: str, header: bool = True) -> None:
 @click.option("--errors", is_flag=True, help="Only images that failed.")
 @click.option("--limit", type=int, help="At most this many rows.")
 @click.option(
+    "--follow", is_flag=True, help="Keep printing rows as they are written until the job is done."
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
     show_default=True, help="Output format (json: one object per line).",
 )  # fmt: skip
-def results(job, label, min_confidence, max_confidence, errors, limit, fmt) -> None:
+def results(job, label, min_confidence, max_confidence, errors, limit, follow, fmt) -> None:
     """Print a job's per-image results (JOB: id, prefix or 'latest')."""
+    if follow:
+        follow_results(job, fmt)
+        return
     with session_scope() as session:
         j = get_job(session, job_id=job)
         rows = [
@@ -188,3 +195,61 @@ def results(job, label, min_confidence, max_confidence, errors, limit, fmt) -> N
             )
         ]
     _emit(rows, fmt)
+
+
+@click.command()
+@click.option(
+    "--watch",
+    "watch_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Watch this folder for new files instead of reading stdin.",
+)
+@click.option(
+    "--pattern", help="With --watch: only names matching this glob (default: image files)."
+)
+@click.option("--queue", type=click.Choice(["cpu", "gpu"]), help="Queue (default SORTLINE_QUEUE).")
+def stream(watch_dir: str | None, pattern: str | None, queue: str | None) -> None:
+    """Submit images as they arrive: paths on stdin (one per line), or new files in --watch DIR.
+
+    Prints the streaming job's id first; follow it with `sortline results --follow JOB`.
+    The job is closed at end of input (or Ctrl-C).
+    """
+    from producer.stream import StreamJob, lines_to_paths, watch_folder
+
+    source = f"watch {watch_dir}" if watch_dir else "stdin"
+    with StreamJob(queue=queue, source=source) as job:
+        click.echo(job.job_id)
+        sys.stdout.flush()
+        paths = watch_folder(watch_dir, pattern=pattern) if watch_dir else lines_to_paths(sys.stdin)
+        try:
+            for p in paths:
+                job.send(p)
+        except KeyboardInterrupt:
+            pass
+    click.echo(f"closed job {job.job_id} after {job.sent} images", err=True)
+
+
+def follow_results(job_id: str, fmt: str, poll: float = 0.3) -> None:
+    """Print a job's rows as they are written until the job is done."""
+    seen: set[int] = set()
+    last_id = 0
+    header = True
+    while True:
+        with session_scope() as session:
+            j = get_job(session, job_id=job_id)
+            # rewind a little: ids of concurrent transactions can commit out of order
+            new = [
+                r
+                for r in list_results(session, job_id=j.id, after_id=max(0, last_id - 1000))
+                if r.id not in seen
+            ]
+            done = j.status == "done"
+        if new:
+            _emit([_result_dict(r) for r in new], fmt, header=header)
+            header = False
+            seen.update(r.id for r in new)
+            last_id = max(last_id, *(r.id for r in new))
+            sys.stdout.flush()
+        elif done:
+            return
+        time.sleep(poll)

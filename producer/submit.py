@@ -69,13 +69,15 @@ def _chunks(seq: Sequence, n: int) -> Iterable[tuple[int, Sequence]]:
         yield i, seq[i : i + n]
 
 
-def send_items(job_id: str, items: list[dict], *, queue: str, batch_size: int) -> int:
+def send_items(
+    job_id: str, items: list[dict], *, queue: str, batch_size: int, producer=None
+) -> int:
     """Send *items* (each with its ``pos``) as task messages of *batch_size*; return tasks sent."""
     from worker.app import app
 
     sent = 0
     now = time.time()
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire(producer) as producer:
         for _, chunk in _chunks(items, max(1, batch_size)):
             app.send_task(
                 TASK,

@@ -14,6 +14,7 @@ import click
 COMMANDS: dict[str, str] = {
     "db": "db.cli:db",
     "submit": "producer.cli:submit",
+    "stream": "producer.cli:stream",
     "status": "producer.cli:status",
     "results": "producer.cli:results",
     "jobs": "producer.cli:jobs",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
+from producer.stream import watch_folder
 from producer.submit import NothingToDo, expand_paths
-from tests.support.fixtures import write_images
+from tests.support.fixtures import jpeg_bytes, write_images
+from tests.support.services import wait_until
 
 
 def test_expand_folders_globs_and_files(tmp_path):
@@ -21,3 +25,22 @@ def test_expand_folders_globs_and_files(tmp_path):
     assert expand_paths([tmp_path / "gone.jpg"]) == [str(tmp_path / "gone.jpg")]
     with pytest.raises(NothingToDo, match="no file matches"):
         expand_paths([str(tmp_path / "*.png")])
+
+
+def test_watch_folder_yields_new_complete_files(tmp_path):
+    (tmp_path / "old.jpg").write_bytes(jpeg_bytes(0))
+    stop = threading.Event()
+    got: list[str] = []
+
+    def run():
+        for p in watch_folder(tmp_path, poll=0.05, stop=stop):
+            got.append(p)
+
+    t = threading.Thread(target=run)
+    t.start()
+    (tmp_path / "new.jpg").write_bytes(jpeg_bytes(1))
+    (tmp_path / "notes.txt").write_text("x")
+    wait_until(lambda: got, timeout=5)
+    stop.set()
+    t.join()
+    assert got == [str(tmp_path / "new.jpg")]
