@@ -34,7 +34,13 @@ def make_app() -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=s.task_time_limit,
         task_soft_time_limit=max(1, s.task_time_limit - 30),
-        broker_transport_options={"visibility_timeout": s.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": s.visibility_timeout,
+            # look for messages of dead workers every few seconds (kombu's default sweep is
+            # every 10 s x 10 calls, which would add 100 s to any visibility timeout)
+            "unacked_restore_interval": max(1, min(10, s.visibility_timeout // 2)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_queues=[Queue(q) for q in QUEUES],
