@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from db.config import SortlineSettings
 
@@ -22,7 +24,7 @@ class WorkerSettings(SortlineSettings):
     runtime: str = "auto"  # auto (ONNX Runtime on CPU, PyTorch on CUDA) | onnx | torch
     max_batch: int = 32  # micro-batching: images per forward pass at most
     max_wait_ms: float = 20.0  # ... and how long the first image may wait for others
-    allowed_roots: list[str] = []  # empty: any readable path
+    allowed_roots: Annotated[list[str], NoDecode] = []  # empty: any path; split below
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 50_000_000
     visibility_timeout: int = 3600
