@@ -22,7 +22,7 @@ from db.models import Result
 from db.service import create_job, get_job, list_results
 from producer.submit import send_items, submit_paths, wait_for_job
 from tests.support.fixtures import write_images
-from tests.support.servers import PostgresServer, RedisServer
+from tests.support.servers import PostgresServer, RedisServer, use_broker
 from tests.support.services import CeleryWorker, create_pg_database, drop_pg_database, wait_until
 
 pytestmark = pytest.mark.integration
@@ -71,14 +71,9 @@ def pg_db(monkeypatch):
 def broker(tmp_path, monkeypatch):
     """A redis-server of this test's own (so no other worker takes its messages); the
     test's producer and every worker it starts use it."""
-    import worker.app as worker_app
-
     server = RedisServer(tmp_path / "redis").start()
-    app = worker_app.make_app()
-    app.conf.broker_url = server.url
-    app.conf.broker_transport_options = {"visibility_timeout": 10}
-    original = worker_app.app
-    monkeypatch.setattr(worker_app, "app", app)  # used by send_items and CeleryWorker.start
+    # used by send_items and CeleryWorker.start
+    app, original = use_broker(monkeypatch, server.url, visibility_timeout=10)
     yield server
     app.close()
     original.set_current()

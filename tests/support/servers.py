@@ -153,3 +153,19 @@ class PostgresServer:
         self.stop("immediate")
         if self._owned:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def use_broker(monkeypatch, url: str, **transport_options):
+    """Point this test process's Celery app (producer, pings) at the broker *url*.
+
+    ``worker.app.app`` is replaced for the test; monkeypatch puts the original back.
+    """
+    import worker.app as worker_app
+
+    app = worker_app.make_app()
+    app.conf.broker_url = url
+    if transport_options:
+        app.conf.broker_transport_options = transport_options
+    original = worker_app.app
+    monkeypatch.setattr(worker_app, "app", app)
+    return app, original
