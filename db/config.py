@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
+
+_SECRET_PARAM = re.compile(r"([?&](?:password|passwd|pwd|secret|token)=)[^&#]*", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
-    """Return *url* with any password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL (e.g. redis+socket://)
-        if "@" in url and "://" in url:
-            scheme, rest = url.split("://", 1)
-            creds, host = rest.rsplit("@", 1)
-            user = creds.split(":", 1)[0]
-            return f"{scheme}://{user}:***@{host}"
+    """Return *url* with any password replaced by ``***``.
+
+    Works for any scheme, for a password holding ``@`` or ``:`` that was not
+    percent-encoded (everything up to the last ``@`` of the authority is credentials), and
+    for a password given as a query parameter (``?password=...``).
+    """
+    if "://" not in url:
         return url
+    url = _SECRET_PARAM.sub(r"\1***", url)
+    scheme, rest = url.split("://", 1)
+    end = len(rest)
+    for c in "?#":
+        if c in rest:
+            end = min(end, rest.index(c))
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        return url
+    creds = rest[:at]
+    if ":" not in creds:  # a user name alone
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{rest[at + 1 :]}"
 
 
 class SortlineSettings(BaseSettings):
