@@ -32,15 +32,14 @@ def test_watch_folder_yields_new_complete_files(tmp_path):
     stop = threading.Event()
     got: list[str] = []
 
-    def run():
-        for p in watch_folder(tmp_path, poll=0.05, stop=stop):
-            got.append(p)
-
-    t = threading.Thread(target=run)
+    files = watch_folder(tmp_path, poll=0.05, stop=stop)  # old.jpg is already there
+    t = threading.Thread(target=lambda: got.extend(files))
     t.start()
-    (tmp_path / "new.jpg").write_bytes(jpeg_bytes(1))
-    (tmp_path / "notes.txt").write_text("x")
-    wait_until(lambda: got, timeout=5)
-    stop.set()
-    t.join()
+    try:
+        (tmp_path / "new.jpg").write_bytes(jpeg_bytes(1))
+        (tmp_path / "notes.txt").write_text("x")
+        wait_until(lambda: got, timeout=5)
+    finally:
+        stop.set()
+        t.join()
     assert got == [str(tmp_path / "new.jpg")]
