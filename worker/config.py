@@ -22,7 +22,7 @@ class WorkerSettings(SortlineSettings):
     model: str = ""  # checkpoint path; empty: the active registered model, else the shipped one
     device: str = "auto"  # auto | cpu | cuda
     runtime: str = "auto"  # auto (ONNX Runtime on CPU, PyTorch on CUDA) | onnx | torch
-    max_batch: int = 32  # micro-batching: images per forward pass at most
+    max_batch: int = 8  # micro-batching: images per forward pass at most
     max_wait_ms: float = 20.0  # ... and how long the first image may wait for others
     allowed_roots: Annotated[list[str], NoDecode] = []  # empty: any path; split below
     max_image_bytes: int = 20_000_000
