@@ -144,7 +144,9 @@ def test_sigkill_mid_job_1000_images(pg_db, workers, tmp_path):
 # ------------------------------------------------------------------ Redis restarted
 
 
-def test_redis_restarted_while_a_job_runs(pg_db, workers, broker, tmp_path):
+@pytest.mark.parametrize("how", ["shutdown", "crash"])
+def test_redis_restarted_while_a_job_runs(pg_db, workers, broker, tmp_path, how):
+    """Redis stopped (SIGTERM) or killed (SIGKILL) mid-job, started again 3 s later."""
     n, chunk = 240, 8
     env = {"SORTLINE_VISIBILITY_TIMEOUT": "10"}
     w = workers(pg_db, concurrency=2, env=env)
@@ -166,7 +168,7 @@ def test_redis_restarted_while_a_job_runs(pg_db, workers, broker, tmp_path):
     sender = threading.Thread(target=produce)
     sender.start()
     time.sleep(1.5)
-    broker.stop(signal.SIGTERM)
+    broker.stop(signal.SIGTERM if how == "shutdown" else signal.SIGKILL)
     down_at = time.monotonic()
     time.sleep(3)
     broker.start()  # same port, same append-only file
@@ -184,26 +186,34 @@ def test_redis_restarted_while_a_job_runs(pg_db, workers, broker, tmp_path):
 # ------------------------------------------------------------------ database unreachable
 
 
-def test_database_down_for_seconds(workers, tmp_path, monkeypatch):
-    """The test's own PostgreSQL stopped mid-job and started again: retries with backoff."""
+@pytest.mark.parametrize(
+    ("retries", "outage"), [(5, 4), (1, 6)], ids=["within-retries", "beyond-retries"]
+)
+def test_database_down_for_seconds(workers, tmp_path, monkeypatch, retries, outage):
+    """The test's own PostgreSQL stopped mid-job and started again: retries with backoff.
+
+    With one retry (1 s) the outage outlasts the retries: the messages are kept, not failed.
+    """
     n = 200
     with PostgresServer(tmp_path / "pg") as pg:
         url = pg.create_database("sortline")
         upgrade(url)
         monkeypatch.setenv("SORTLINE_DATABASE_URL", url)
-        w = workers(url, concurrency=2)
+        w = workers(url, concurrency=2, env={"SORTLINE_TASK_MAX_RETRIES": str(retries)})
         write_images(tmp_path / "p", n)
         job_id = submit_paths([tmp_path / "p"], batch_size=8)
         wait_until(lambda: _count(job_id) >= 16, timeout=120, interval=0.05)
         pg.stop("fast")  # every connection cut, new ones refused
         stopped = time.monotonic()
-        time.sleep(4)
+        time.sleep(outage)
         pg.start()
         print(f"\nPostgreSQL down for {time.monotonic() - stopped:.1f} s")
         wait_for_job(job_id, timeout=180)
         _assert_exactly_one_row_each(job_id, n)
         log = _log(w)
         assert "transient error" in log and "retry in" in log
+        if retries == 1:
+            assert "database unreachable" in log
         reset_engines()
         w.stop()
 

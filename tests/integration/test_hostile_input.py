@@ -210,3 +210,29 @@ def test_no_secret_in_worker_logs(tiny_model, tmp_path, monkeypatch):
     assert "redis://:**@127.0.0.1" in log  # the banner shows the broker, masked
     for secret in (broker_pw, db_pw, flower_pw):
         assert secret not in log
+
+
+def test_tampered_model_is_refused_by_the_worker(make_worker, tiny_model, db_url, tmp_path):
+    """A checkpoint changed after registration is not loaded; the job's rows say why."""
+    import shutil
+
+    from db.service import register_model
+    from training.checkpoint import file_sha256, read_metadata
+
+    path = tmp_path / "registered.safetensors"
+    shutil.copy(tiny_model, path)
+    meta = read_metadata(path)
+    with session_scope() as s:
+        register_model(
+            s, name="tiny-test", version="0", arch=meta["arch"], path=str(path.resolve()),
+            sha256=file_sha256(path), classes=meta["classes"],
+        )  # fmt: skip
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight
+    path.write_bytes(bytes(data))
+    make_worker(env={"SORTLINE_MODEL": str(path), "SORTLINE_TASK_MAX_RETRIES": "0"})
+    job_id = submit_bytes([jpeg_bytes(i) for i in range(3)], batch_size=3)
+    job = wait_for_job(job_id, timeout=60)
+    rows = _rows(job_id)
+    assert (job.done, job.failed) == (0, 3)
+    assert all("sha256" in r.error and "registry" in r.error for r in rows.values())

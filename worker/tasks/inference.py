@@ -121,9 +121,11 @@ def _give_up(task, msg, reason: str, *, worker: str | None) -> int:
     try:
         n = record_error_rows(msg.job_id, msg.items, reason, worker=worker)
     except DB_DOWN as e:
-        # Nothing can be recorded while the database is down: keep the message.
-        log.warning("job %s: database unreachable (%s); retry in 60 s", msg.job_id, e)
-        raise task.retry(exc=e, countdown=60) from None
+        # Nothing can be recorded while the database is down: keep the message, for as
+        # long as it takes (the images may well be fine once it is back).
+        delay = min(60, 2**task.request.retries)
+        log.warning("job %s: database unreachable (%s); retry in %ss", msg.job_id, e, delay)
+        raise task.retry(exc=e, countdown=delay) from None
     forget_deliveries(task.request.id)
     return n
 
@@ -139,7 +141,7 @@ def _reject(task, message, reason: str, *, worker: str | None) -> int:
     try:
         return record_error_rows(job_id, items, f"rejected message: {reason}", worker=worker)
     except DB_DOWN as e:
-        raise task.retry(exc=e, countdown=60) from None
+        raise task.retry(exc=e, countdown=min(60, 2**task.request.retries)) from None
     except DBAPIError as e:  # e.g. a job id longer than the column
         log.error("cannot record the rejected message: %s", e)
         return 0
