@@ -33,6 +33,8 @@ def worker(
         raise click.BadParameter(f"unknown queue {bad[0]!r}; use cpu, gpu or training")
     if concurrency is None and queues in ("gpu", "training"):
         concurrency = 1
+    if "gpu" in queues.split(","):
+        os.environ.setdefault("SORTLINE_DEVICE", "cuda")  # falls back to CPU with a warning
     extra = ["-l", loglevel]
     if max_tasks_per_child:
         extra.append(f"--max-tasks-per-child={max_tasks_per_child}")

@@ -92,12 +92,7 @@ class TorchBackend:
         from training.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(path, expected_sha256=expected_sha256)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            log.warning("SORTLINE_DEVICE=cuda but no GPU is present; falling back to CPU")
-            device = "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
             model = model.to(memory_format=torch.channels_last)
@@ -198,8 +193,9 @@ class Classifier:
         self.version = model_version(meta)
         if runtime not in ("auto", "onnx", "torch"):
             raise ValueError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
+        device = resolve_device(device)
         if runtime == "auto":
-            runtime = "torch" if device == "cuda" or _cuda_wanted(device) else "onnx"
+            runtime = "torch" if device == "cuda" else "onnx"
         if runtime == "onnx":
             self.backend = OnnxBackend(self.path, expected_sha256)
         else:
@@ -211,12 +207,24 @@ class Classifier:
         return _softmax(self.backend.logits(batch), self.temperature)
 
 
-def _cuda_wanted(device: str) -> bool:
-    """Whether ``auto`` should mean CUDA: an NVIDIA driver is loaded on this host.
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``cuda`` for a requested ``auto``, ``cpu`` or ``cuda``.
 
-    Checked without importing torch, so a CPU worker running ONNX Runtime never loads it.
+    ``auto`` looks for an NVIDIA driver first, so a CPU host never imports torch here.
+    A requested GPU that is not there falls back to the CPU with a warning. Called in the
+    worker's child process, on first use: CUDA is never initialised in the parent.
     """
-    return device == "auto" and os.path.exists("/proc/driver/nvidia/version")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"SORTLINE_DEVICE must be auto, cpu or cuda, not {device!r}")
+    if device == "cpu" or (device == "auto" and not os.path.exists("/proc/driver/nvidia/version")):
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        log.warning("SORTLINE_DEVICE=cuda but no GPU is present; falling back to the CPU")
+    return "cpu"
 
 
 class MicroBatcher:
