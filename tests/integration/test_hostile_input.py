@@ -236,3 +236,53 @@ def test_tampered_model_is_refused_by_the_worker(make_worker, tiny_model, db_url
     rows = _rows(job_id)
     assert (job.done, job.failed) == (0, 3)
     assert all("sha256" in r.error and "registry" in r.error for r in rows.values())
+
+
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+def test_fuzzed_messages_to_a_real_worker(make_worker, tmp_path):
+    """80 hypothesis-drawn messages through Redis to a real worker: it stays up, and every
+    position a message (or the salvage of a rejected one) names gets its row."""
+    from hypothesis import strategies as st
+
+    from tests.support.strategies import task_messages
+    from worker.inputs import MessageError, parse_message, salvage
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+    w = make_worker(concurrency=2, env={"SORTLINE_ALLOWED_ROOTS": str(photos)})
+    total = 30
+    with session_scope() as s:
+        job_id = create_job(s, source="fuzz", queue="cpu", total=total).id
+    bodies = st.lists(task_messages(job_id, photos), min_size=80, max_size=80).example()
+    from worker.app import app
+
+    expected: set[int] = set()
+    for body in bodies:
+        app.send_task(TASK, args=[body], queue="cpu")
+        try:
+            msg = parse_message(body)
+            if msg.job_id == job_id:
+                expected |= {it.pos for it in msg.items}
+        except MessageError:
+            found = salvage(body)
+            if found and found[0] == job_id:
+                expected |= {it.pos for it in found[1]}
+    expected = {p for p in expected if p < total}
+    # a valid job sent last: once it is done, every message before it has been taken
+    last = submit_bytes([jpeg_bytes(9)], batch_size=1)
+    wait_for_job(last, timeout=120)
+    with app.connection() as conn:
+        wait_until(lambda: conn.default_channel.client.llen("cpu") == 0, timeout=60)
+    wait_until(lambda: set(_rows(job_id)) == expected, timeout=60)
+    rows = _rows(job_id)
+    with session_scope() as s:
+        from db.service import get_job
+
+        job = get_job(s, job_id=job_id)
+    assert job.done + job.failed == len(rows) == len(expected)
+    assert all(r.status == "ok" or r.error for r in rows.values())
+    assert w.proc.poll() is None
+    print(f"\n{len(bodies)} messages: {len(expected)} positions recorded, "
+          f"{sum(r.status == 'ok' for r in rows.values())} classified")  # fmt: skip

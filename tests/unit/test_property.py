@@ -3,7 +3,6 @@ task entry point never crash; each ends as a row or a clear rejection."""
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
@@ -14,8 +13,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from tests.support import hostile
 from tests.support.fixtures import jpeg_bytes
+from tests.support.strategies import image_bytes, messages, task_messages
 from training.imaging import ImageError, decode_image
 from training.preprocess import PreprocessSpec, load_and_preprocess
 from worker.inputs import (
@@ -28,41 +27,6 @@ from worker.inputs import (
     salvage,
 )
 
-SEEDS = [
-    jpeg_bytes(1, (40, 30)),
-    jpeg_bytes(2, (33, 21), fmt="PNG"),
-    jpeg_bytes(3, (24, 24), fmt="GIF"),
-    jpeg_bytes(4, (24, 24), fmt="WEBP"),
-    jpeg_bytes(5, (24, 24), fmt="BMP"),
-    jpeg_bytes(6, (24, 24), fmt="TIFF"),
-    hostile.png_16bit(),
-    hostile.jpeg_cmyk(),
-    hostile.jpeg_exif_rotated(),
-    hostile.gif_animated(),
-]
-
-
-@st.composite
-def mutated_images(draw) -> bytes:
-    """A valid image in some format, then truncated, bit-flipped, spliced or extended."""
-    data = bytearray(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(0, 6))):
-        op = draw(st.sampled_from(["flip", "set", "cut", "insert", "dup"]))
-        i = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip" and data:
-            data[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set" and data:
-            data[i] = draw(st.sampled_from([0, 0xFF, 0x7F, 0x80]))
-        elif op == "cut":
-            del data[i:]
-        elif op == "insert":
-            data[i:i] = draw(st.binary(max_size=16))
-        elif op == "dup" and data:
-            data[i:i] = data[i : i + draw(st.integers(1, 64))]
-    return bytes(data)
-
-
-image_bytes = st.one_of(st.binary(max_size=2048), mutated_images())
 SPEC = PreprocessSpec(resize=40, crop=32)
 
 
@@ -80,58 +44,6 @@ def test_decoder_returns_an_image_or_image_error(data):
     assert img.mode == "RGB" and img.width * img.height <= 4_000_000
     arr = load_and_preprocess(data, SPEC, max_pixels=4_000_000)
     assert arr.shape == (3, 32, 32) and bool((arr == arr).all())  # finite, no NaN
-
-
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-    st.sampled_from(["/tmp/x.jpg", "\x00", "\udce9", "../../etc/passwd", "", "aGVsbG8="]),
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
-
-
-@st.composite
-def messages(draw, job_ids=st.text(max_size=40)):
-    """Arbitrary JSON, or something shaped like a task message with arbitrary parts."""
-    if draw(st.booleans()):
-        return draw(json_values)
-    keys = {
-        "v": st.one_of(st.just(1), json_scalars),
-        "job_id": job_ids,
-        "submitted_at": json_scalars,
-        "items": st.lists(
-            st.fixed_dictionaries(
-                {},
-                optional={
-                    "pos": st.one_of(st.integers(-3, 40), st.just(MAX_POSITION + 1), json_scalars),
-                    "path": st.one_of(json_scalars, st.sampled_from(["/nope.jpg", "rel.jpg"])),
-                    "data": st.one_of(
-                        json_scalars,
-                        image_bytes.map(lambda b: base64.b64encode(b).decode()),
-                    ),
-                    "key": json_scalars,
-                    "t": json_scalars,
-                },
-            )
-            | json_values,
-            max_size=6,
-        )
-        | json_scalars,
-    }
-    msg = {}
-    for k, strategy in keys.items():
-        if draw(st.integers(0, 9)) > 0:  # each key is sometimes missing
-            msg[k] = draw(strategy)
-    return msg
 
 
 def _storable(text: str) -> bool:
@@ -230,30 +142,7 @@ def test_task_entry_point_writes_rows_or_rejects(task_env, data):
     from worker.tasks.inference import classify_batch
 
     job_id, photos = task_env
-    paths = st.one_of(
-        st.sampled_from([str(photos / f"{i}.jpg") for i in range(4)]),  # 3.jpg: missing
-        st.sampled_from(["/nope.jpg", "rel.jpg", "\x00", str(photos / "..")]),
-        st.text(max_size=9),
-    )
-    b64 = image_bytes.map(lambda b: base64.b64encode(b).decode())
-    extra = {"key": st.text(max_size=9), "t": json_scalars}
-    item = st.one_of(
-        st.fixed_dictionaries({"pos": st.integers(0, 40), "path": paths}, optional=extra),
-        st.fixed_dictionaries({"pos": st.integers(0, 40), "data": b64}, optional=extra),
-        st.fixed_dictionaries(
-            {"pos": st.integers(0, 40)}, optional={"path": paths, "data": b64, **extra}
-        ),
-    )
-    near_valid = st.fixed_dictionaries(
-        {
-            "v": st.sampled_from([1, 1, 1, 2]),
-            "job_id": st.sampled_from([job_id, job_id, job_id, "0" * 32]),
-            "items": st.lists(item, min_size=1, max_size=5),
-        },
-        optional={"submitted_at": json_scalars},
-    )
-    anything = messages(job_ids=st.sampled_from([job_id, "0" * 32, "x"]))
-    raw = data.draw(st.one_of(near_valid, near_valid, anything))
+    raw = data.draw(task_messages(job_id, photos))
     with session_scope() as s:
         s.query(Result).filter(Result.job_id == job_id).delete()
         job = s.get(Job, job_id)
