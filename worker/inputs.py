@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,34 +163,56 @@ def read_item(item: Item, *, roots: list[Path], max_bytes: int) -> bytes:
         raise InputError(f"cannot resolve path {raw!r}: {e}") from None
     if roots and not _under(resolved, roots):
         via = f" (a link resolving to {resolved})" if resolved != p else ""
-        raise InputError(
-            f"path outside the allowed roots{via}: {raw!r}; allowed: "
-            + ", ".join(str(r) for r in roots)
-            + " (SORTLINE_ALLOWED_ROOTS)"
-        )
+        raise _outside(raw, roots, via)
+    # Open what was checked, not what the path may point at by now: no link as the last
+    # component, no blocking on a FIFO, and the open file's real path checked again.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        st = resolved.stat()
+        fd = os.open(resolved, flags)
     except FileNotFoundError:
         raise InputError(f"file not found: {raw!r}") from None
-    except OSError as e:
-        raise InputError(f"cannot access {raw!r}: {e.strerror}") from None
-    if resolved.is_dir():
-        raise InputError(f"is a directory, not an image file: {raw!r}")
-    if not resolved.is_file():
-        raise InputError(f"not a regular file: {raw!r}")
-    if st.st_size > max_bytes:
-        raise InputError(
-            f"file too large: {st.st_size} bytes exceeds the limit of {max_bytes} "
-            "(SORTLINE_MAX_IMAGE_BYTES)"
-        )
+    except OSError as e:  # ELOOP: a link put in its place after it was resolved
+        raise InputError(f"cannot read {raw!r}: {e.strerror}") from None
     try:
-        with open(resolved, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"is a directory, not an image file: {raw!r}")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"not a regular file: {raw!r}")
+        if roots:
+            real = _fd_path(fd)
+            if real is not None and not _under(real, roots):
+                raise _outside(raw, roots, f" (opened as {real})")
+        if st.st_size > max_bytes:
+            raise InputError(
+                f"file too large: {st.st_size} bytes exceeds the limit of {max_bytes} "
+                "(SORTLINE_MAX_IMAGE_BYTES)"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise InputError(f"cannot read {raw!r}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         raise InputError(f"file too large: exceeds the limit of {max_bytes} bytes")
     return data
+
+
+def _outside(raw: str, roots: list[Path], via: str = "") -> InputError:
+    return InputError(
+        f"path outside the allowed roots{via}: {raw!r}; allowed: "
+        + ", ".join(str(r) for r in roots)
+        + " (SORTLINE_ALLOWED_ROOTS)"
+    )
+
+
+def _fd_path(fd: int) -> Path | None:
+    """The real path of an open file (Linux), or None where the system cannot say."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
 
 
 def sha256_hex(data: bytes) -> str:

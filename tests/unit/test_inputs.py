@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,12 +233,14 @@ def test_non_utf8_file_name(tmp_path):
 def test_too_large_refused_before_reading(tmp_path, monkeypatch):
     big = tmp_path / "big.jpg"
     big.write_bytes(jpeg_bytes(1) + b"\0" * 5000)
-    opened = []
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    reads = []
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: reads.append(a) or real_fdopen(*a, **k))
     with pytest.raises(InputError, match="too large.*SORTLINE_MAX_IMAGE_BYTES"):
         read_item(_item(str(big)), roots=[], max_bytes=1000)
-    assert opened == []
+    assert reads == []  # refused on its size, not a byte read
+    assert read_item(_item(str(big)), roots=[], max_bytes=10**6)
+    assert len(reads) == 1
     b64 = base64.b64encode(b"\xff" * 5000).decode()
     with pytest.raises(InputError, match="too large"):
         read_item(Item(pos=0, ref="k", data_b64=b64), roots=[], max_bytes=1000)
@@ -262,3 +265,20 @@ def test_fifo_is_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(InputError, match="not a regular file"):
         read_item(_item(str(fifo)), roots=[], max_bytes=1000)
+
+
+def test_link_swapped_in_after_the_check(tmp_path, monkeypatch):
+    """The file opened is the file checked: a link that appears after resolve() is refused."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(jpeg_bytes(1))
+    (allowed / "photo.jpg").symlink_to(outside / "secret.jpg")  # the last component
+    (allowed / "sub").symlink_to(outside)  # a folder on the way
+    roots = [allowed.resolve()]
+    # as if each link had been put in place between resolve() and open()
+    monkeypatch.setattr(Path, "resolve", lambda self, strict=False: self)
+    with pytest.raises(InputError, match="cannot read"):
+        read_item(_item(str(allowed / "photo.jpg")), roots=roots, max_bytes=10**6)
+    with pytest.raises(InputError, match=r"outside the allowed roots \(opened as"):
+        read_item(_item(str(allowed / "sub" / "secret.jpg")), roots=roots, max_bytes=10**6)
