@@ -8,6 +8,9 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+# Photo formats only: PIL's other plugins (EPS runs Ghostscript, and dozens of rare formats)
+# are never tried on untrusted bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")  # JPEG includes MPO (phone photos)
 
 
 class ImageError(ValueError):
@@ -29,11 +32,12 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        head = data[:64].lstrip().lower()
-        kind = "text/HTML" if head.startswith((b"<", b"{", b"%")) or head.isascii() else "unknown"
-        raise ImageError(f"not an image: content is {kind}, not a supported image format") from None
+        raise ImageError(
+            f"not an image: content is {_sniff(data)}, not a supported image format "
+            f"({', '.join(FORMATS)})"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image refused: {e}") from None
     except Exception as e:
@@ -77,3 +81,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def _sniff(data: bytes) -> str:
+    """A word for what bytes that are no image look like, for the error message."""
+    head = data[:256].lstrip()
+    for magic, kind in (
+        (b"<", "HTML/XML"),
+        (b"{", "JSON"),
+        (b"%PDF", "PDF"),
+        (b"%!PS", "PostScript"),
+    ):
+        if head.startswith(magic):
+            return kind
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "text"
+    return "unknown binary data"

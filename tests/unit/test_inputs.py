@@ -282,3 +282,29 @@ def test_link_swapped_in_after_the_check(tmp_path, monkeypatch):
         read_item(_item(str(allowed / "photo.jpg")), roots=roots, max_bytes=10**6)
     with pytest.raises(InputError, match=r"outside the allowed roots \(opened as"):
         read_item(_item(str(allowed / "sub" / "secret.jpg")), roots=roots, max_bytes=10**6)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PDF", "ICO", "PCX", "TGA", "PPM"])
+def test_only_photo_formats_are_opened(fmt):
+    """PIL's other plugins (EPS would run Ghostscript) are never tried on untrusted bytes."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, fmt)
+    with pytest.raises(ImageError, match=r"not a supported image format \(JPEG, PNG"):
+        decode_image(buf.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"<?xml version='1.0'?><svg/>", "HTML/XML"),
+        (b'{"not": "an image"}', "JSON"),
+        (b"%PDF-1.7\n", "PDF"),
+        (b"hello\tworld\n", "text"),
+        (b"\x00\x01\x02garbage", "unknown binary data"),
+    ],
+)
+def test_non_images_are_named(data, kind):
+    with pytest.raises(ImageError, match=f"content is {kind},"):
+        decode_image(data)
