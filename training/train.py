@@ -382,6 +382,7 @@ class RunConfig:
     half: bool = False
     register: bool = True
     cache_dir: str = "cache"
+    study: dict | None = None  # train --from-study: the study and trial it comes from
 
 
 def _write_history(history: list[dict], path: Path) -> None:
