@@ -33,7 +33,9 @@ def make_app() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=s.task_time_limit,
-        task_soft_time_limit=max(1, s.task_time_limit - 30),
+        # the soft limit (error rows) comes 30 s before the hard one (the process is killed),
+        # or a fifth of the limit before it when the limit is short
+        task_soft_time_limit=max(1, s.task_time_limit - min(30, max(1, s.task_time_limit // 5))),
         broker_transport_options={
             "visibility_timeout": s.visibility_timeout,
             # look for messages of dead workers every few seconds (kombu's default sweep is

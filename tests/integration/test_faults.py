@@ -225,11 +225,16 @@ def _attempts(path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.parametrize("kind", ["raise", "crash"])
+@pytest.mark.parametrize(
+    "kind",
+    ["raise", "crash", pytest.param("hang", marks=pytest.mark.slow)],  # hang: 3 x 6 s
+)
 def test_poison_message_is_bounded_and_recorded(pg_db, workers, tmp_path, kind):
-    """A message that fails (or kills its process) every time: N tries, then error rows."""
+    """A message that fails, kills its process or hangs every time: N tries, then error rows."""
     attempts = tmp_path / "attempts.txt"
     env = {"SORTLINE_TASK_MAX_RETRIES": "2", "SORTLINE_TEST_ATTEMPTS": str(attempts)}
+    if kind == "hang":
+        env["SORTLINE_TASK_TIME_LIMIT"] = "6"  # the hard limit; the soft one (5 s) is blocked
     w = workers(pg_db, env=env, app="tests.support.faulty_app")
     paths = write_images(tmp_path / "p", 12)
     poison = tmp_path / "p" / f"POISON-{kind.upper()}.jpg"
@@ -249,6 +254,8 @@ def test_poison_message_is_bounded_and_recorded(pg_db, workers, tmp_path, kind):
     else:
         assert all("worker process died 3 times" in r.error for r in bad)
         assert len({line.split()[2] for line in tries}) == 3  # three pool processes died
+    if kind == "hang":
+        assert "TimeLimitExceeded" in _log(w) or "Hard time limit" in _log(w)
     # nothing loops: the queue is empty and stays so
     time.sleep(3)
     assert len(_attempts(attempts)) == 3

@@ -2,14 +2,16 @@
 
 Start a worker with ``-A tests.support.faulty_app``. An image reference containing
 ``POISON-RAISE`` makes the task raise every time; one containing ``POISON-CRASH`` kills the
-pool process running it (as a segfault or the OOM killer would). Each such attempt appends a
-line to ``$SORTLINE_TEST_ATTEMPTS``.
+pool process running it (as a segfault or the OOM killer would); one containing
+``POISON-HANG`` blocks the soft time limit's signal and sleeps, so that only the hard time limit
+ends it. Each such attempt appends a line to ``$SORTLINE_TEST_ATTEMPTS``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import worker.tasks.inference as inference
 from worker.app import app
@@ -31,6 +33,10 @@ def faulty_classify_message(msg, *, worker):
     if "POISON-CRASH" in refs:
         _note("crash", msg)
         os.kill(os.getpid(), signal.SIGKILL)
+    if "POISON-HANG" in refs:
+        _note("hang", msg)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # billiard's soft limit
+        time.sleep(3600)
     if "POISON-RAISE" in refs:
         _note("raise", msg)
         raise RuntimeError("poisoned message (injected fault)")

@@ -70,6 +70,7 @@ def forget_deliveries(task_id: str | None) -> None:
     name="worker.tasks.inference.classify_batch",
     bind=True,
     acks_late=True,
+    acks_on_timeout=False,  # over the hard time limit: requeued, and counted as a crash below
     max_retries=None,  # bounded below by SORTLINE_TASK_MAX_RETRIES
 )
 def classify_batch(self, message: dict) -> int:
@@ -87,7 +88,8 @@ def classify_batch(self, message: dict) -> int:
     if crashes > limit:
         reason = (
             f"gave up: the worker process died {crashes} times while running this task "
-            f"(crash, out of memory or killed); SORTLINE_TASK_MAX_RETRIES={limit}"
+            "(crash, out of memory, killed, or over the hard time limit "
+            f"SORTLINE_TASK_TIME_LIMIT); SORTLINE_TASK_MAX_RETRIES={limit}"
         )
         return _give_up(self, msg, reason, worker=worker)
     try:
