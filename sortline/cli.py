@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "training.cli:train",
     "evaluate": "training.cli:evaluate",
     "predict": "training.cli:predict",
+    "tune": "worker.tune_cli:tune",
 }
 
 

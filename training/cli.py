@@ -41,9 +41,15 @@ def _checkpoint_option(f):
 @click.command()
 @click.option(
     "--data",
-    required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="ImageFolder directory: one sub-folder of images per class.",
+    help="ImageFolder directory: one sub-folder of images per class (required without --from-study).",
+)
+@click.option(
+    "--from-study",
+    "from_study",
+    default=None,
+    metavar="NAME",
+    help="Train with the best trial of this `sortline tune` study (its data, arch, mode, params).",
 )
 @click.option(
     "--arch",
@@ -129,6 +135,7 @@ def _checkpoint_option(f):
 @click.option("--no-robustness", is_flag=True, help="Skip the robustness check at the end.")
 def train(
     data,
+    from_study,
     arch,
     mode,
     pretrained,
@@ -163,6 +170,15 @@ def train(
     from training.train import train as run_training
 
     settings = get_training_settings()
+    study_cfg = None
+    if from_study:
+        study_cfg = _config_from_study(
+            from_study, name=name, version=version, half=half, register=not no_register,
+            robustness=not no_robustness, cache_dir=str(settings.cache_dir),
+        )  # fmt: skip
+        data, arch, mode = study_cfg.data, study_cfg.arch, study_cfg.mode
+    elif not data:
+        raise click.UsageError("--data is required (or --from-study NAME)")
     out = (
         out or settings.runs_dir / f"{arch}-{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     )
@@ -200,6 +216,10 @@ def train(
         register=not no_register,
         cache_dir=str(settings.cache_dir),
     )
+    if study_cfg is not None:
+        cfg = replace(study_cfg, out=str(out))
+        o = cfg.study
+        click.echo(f"study {o['name']}: best trial {o['trial']} (val macro-F1 {o['value']:.4f})")
 
     def progress(rec: dict) -> None:
         click.echo(
@@ -228,6 +248,31 @@ def train(
     click.echo(f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s)")
     if summary.get("registered"):
         click.echo(f"registered as {summary['registered']}")
+
+
+# what a study decides; `train --from-study` refuses them on the command line
+_STUDY_DECIDES = (
+    "data", "arch", "mode", "pretrained", "epochs", "lr", "backbone_lr", "batch_size", "augment",
+    "balance", "aug_views", "seed", "split_seed",
+)  # fmt: skip
+
+
+def _config_from_study(study: str, **run_options):
+    """The run configuration of `train --from-study NAME` (the study's best trial)."""
+    from training.tune import TuneError, run_config_from_study
+
+    ctx = click.get_current_context()
+    given = [
+        p for p in _STUDY_DECIDES
+        if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)
+    ]  # fmt: skip
+    if given:
+        opts = ", ".join("--" + p.replace("_", "-") for p in given)
+        raise click.UsageError(f"--from-study takes {opts} from the study; drop them")
+    try:
+        return run_config_from_study(study, out="", **run_options)
+    except TuneError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @click.command()

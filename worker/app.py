@@ -20,7 +20,9 @@ QUEUES = ("cpu", "gpu", "training")
 
 def make_app() -> Celery:
     s = get_worker_settings()
-    app = Celery("sortline", broker=s.broker_url, include=["worker.tasks.inference"])
+    app = Celery(
+        "sortline", broker=s.broker_url, include=["worker.tasks.inference", "worker.tasks.training"]
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
