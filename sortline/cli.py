@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "flower": "worker.cli:flower",
     "up": "worker.cli:up",
     "down": "worker.cli:down",
+    "health": "worker.cli:health",
     "train": "training.cli:train",
     "evaluate": "training.cli:evaluate",
     "predict": "training.cli:predict",

@@ -80,3 +80,47 @@ def down() -> None:
     """Stop what `sortline up` started."""
     stopped = stack.down()
     click.echo("stopped " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@click.command()
+@click.option(
+    "--check",
+    "checks",
+    multiple=True,
+    type=click.Choice(["broker", "database", "model", "workers"]),
+    help="Only this check (repeatable; default: all four).",
+)
+@click.option(
+    "-Q",
+    "--queue",
+    "queues",
+    multiple=True,
+    type=click.Choice(["cpu", "gpu", "training"]),
+    help="Some worker must consume this queue (repeatable).",
+)
+@click.option(
+    "--node", "nodes", multiple=True, help="This worker must answer, e.g. sortline-cpu@%h."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 60),
+    default=3.0,
+    show_default=True,
+    help="Seconds to wait for each answer.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def health(checks, queues, nodes, timeout, as_json) -> None:
+    """Check the broker, database, model and workers; exit 1 naming what is down."""
+    import json
+
+    from worker.health import CHECKS, run_checks
+
+    results = run_checks(checks or CHECKS, queues=queues, nodes=nodes, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in results]))
+    else:
+        for c in results:
+            click.echo(f"{'ok' if c.ok else 'DOWN':<5} {c.name:<9} {c.detail}")
+    down = [c for c in results if not c.ok]
+    if down:
+        raise click.ClickException("down: " + "; ".join(f"{c.name} ({c.detail})" for c in down))
