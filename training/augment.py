@@ -241,10 +241,29 @@ def _pil_steps(name: str, spec: PreprocessSpec) -> list[Callable[[Image.Image], 
             T.ColorJitter(0.25, 0.25, 0.25, 0.05),
             T.RandomGrayscale(0.05),
         ]
+    if name == "robust_mix":  # half the samples in-domain (finetune), half robust
+        a, b = _pil_steps("finetune", spec), _pil_steps("robust", spec)
+        return [lambda im: _chain(a if random.random() < 0.5 else b, im)]
     raise ValueError(f"unknown augmentation preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
-PRESETS = ("none", "rotation", "hflip", "vflip", "colorjitter", "combined", "finetune", "robust")
+def _chain(steps, img: Image.Image) -> Image.Image:
+    for s in steps:
+        img = s(img)
+    return img
+
+
+PRESETS = (
+    "none",
+    "rotation",
+    "hflip",
+    "vflip",
+    "colorjitter",
+    "combined",
+    "finetune",
+    "robust",
+    "robust_mix",
+)
 
 
 def build_augment(name: str, spec: PreprocessSpec) -> Augment:
@@ -259,8 +278,7 @@ def build_augment(name: str, spec: PreprocessSpec) -> Augment:
     steps = _pil_steps(name, spec)
 
     def apply(img: Image.Image) -> np.ndarray:
-        for s in steps:
-            img = s(img)
+        img = _chain(steps, img)
         if img.size != (spec.crop, spec.crop):
             img = resize_crop(img, spec)
         return normalise(img, spec)

@@ -334,3 +334,19 @@ def test_robustness_report_is_deterministic():
     rep = robustness_report(model, imgs, list(range(6)), PreprocessSpec(resize=40, crop=32))
     assert set(rep["per_corruption"]) == set(CORRUPTIONS)
     assert 0 <= rep["mean_corrupted"]["accuracy"] <= 1
+
+
+def test_register_records_the_checkpoint(frozen_run, tmp_path, monkeypatch):
+    from db.engine import session_scope
+    from db.service import active_model
+    from training.checkpoint import file_sha256
+    from training.train import register
+
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    monkeypatch.setenv("SORTLINE_DATABASE_URL", url)
+    ckpt = frozen_run["out"] / "model.safetensors"
+    assert register(ckpt) == "sortline-trashnet:t1"
+    with session_scope(url) as s:
+        rec = active_model(s)
+        assert rec.version == "t1" and rec.sha256 == file_sha256(ckpt) and rec.classes == CLASSES
+        assert rec.metrics["test"]["n"] > 0
