@@ -15,7 +15,7 @@ from db.engine import session_scope
 from db.migrate import ensure_schema
 from db.service import create_job, get_job
 from producer.config import IMAGE_EXTENSIONS, get_producer_settings
-from worker.inputs import build_message
+from worker.inputs import build_message, display_ref
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def submit_paths(
     if not files:
         raise NothingToDo(f"no images found in {', '.join(map(str, paths))}")
     items = [{"pos": i, "path": f} for i, f in enumerate(files)]
-    source = ", ".join(str(p) for p in paths)[:2000]
+    source = display_ref(", ".join(str(p) for p in paths)[:2000])  # non-UTF-8 names escaped
     return _submit(items, source=source, queue=queue, batch_size=batch_size)
 
 

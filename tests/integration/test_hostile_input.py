@@ -286,3 +286,25 @@ def test_fuzzed_messages_to_a_real_worker(make_worker, tmp_path):
     assert w.proc.poll() is None
     print(f"\n{len(bodies)} messages: {len(expected)} positions recorded, "
           f"{sum(r.status == 'ok' for r in rows.values())} classified")  # fmt: skip
+
+
+def test_non_utf8_names_through_the_producer(make_worker, tmp_path):
+    """`submit_paths` given a non-UTF-8 file name, by itself and in a folder."""
+    from producer.submit import submit_paths
+
+    folder = os.fsencode(tmp_path / "photos")
+    os.mkdir(folder)
+    for name in (b"caf\xe9.jpg", b"na\xefve.jpg"):
+        with open(folder + b"/" + name, "wb") as f:
+            f.write(jpeg_bytes(len(name)))
+    make_worker()
+    one = submit_paths([os.fsdecode(folder + b"/caf\xe9.jpg")])
+    both = submit_paths([os.fsdecode(folder)])
+    for job_id, n in ((one, 1), (both, 2)):
+        job = wait_for_job(job_id, timeout=60)
+        assert (job.done, job.failed) == (n, 0)
+        assert all("\\x" in r.ref for r in _rows(job_id).values())
+    with session_scope() as s:
+        from db.service import get_job
+
+        assert get_job(s, job_id=one).source.endswith("caf\\xe9.jpg")
