@@ -239,3 +239,37 @@ def active_model(session: Session) -> ModelRecord | None:
 def models_at_path(session: Session, *, path: str) -> Sequence[ModelRecord]:
     """Registry entries whose artifact lives at *path*."""
     return session.scalars(select(ModelRecord).where(ModelRecord.path == path)).all()
+
+
+# ---------------------------------------------------------------- review
+
+
+def review_results(
+    session: Session, *, job_id: str, max_confidence: float | None = None
+) -> Sequence[Result]:
+    """A job's labelled results awaiting review, in submission order.
+
+    Those marked ``needs_review`` by the worker, or, with *max_confidence*, those whose
+    confidence is below it and that have no corrected label yet.
+    """
+    q = select(Result).where(Result.job_id == job_id, Result.status == "ok")
+    if max_confidence is None:
+        q = q.where(Result.needs_review.is_(True))
+    else:
+        q = q.where(Result.confidence < max_confidence, Result.corrected_label.is_(None))
+    return session.scalars(q.order_by(Result.position)).all()
+
+
+def set_corrected_labels(session: Session, *, job_id: str, labels: dict[int, str]) -> int:
+    """Record a person's label for each position of *job_id*; clear their ``needs_review``.
+
+    Returns how many rows were updated (positions without a labelled row are ignored).
+    """
+    n = 0
+    for position, label in labels.items():
+        n += session.execute(
+            update(Result)
+            .where(Result.job_id == job_id, Result.position == position, Result.status == "ok")
+            .values(corrected_label=label, needs_review=False, updated_at=utcnow())
+        ).rowcount
+    return n

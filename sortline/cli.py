@@ -27,6 +27,9 @@ COMMANDS: dict[str, str] = {
     "evaluate": "training.cli:evaluate",
     "predict": "training.cli:predict",
     "tune": "worker.tune_cli:tune",
+    "eda": "training.eda_cli:eda",
+    "report": "producer.report_cli:report",
+    "review": "producer.review_cli:review",
 }
 
 
