@@ -24,6 +24,7 @@ from worker.inputs import (
     read_item,
     sha256_hex,
 )
+from worker.metrics import record_rows
 from worker.runtime import get_batcher, get_classifier
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
         if sub is not None:
             r["latency_ms"] = round((now - sub.timestamp()) * 1000, 3)
     with session_scope() as session:
-        return record_results(session, job_id=msg.job_id, rows=rows)
+        written = record_results(session, job_id=msg.job_id, rows=rows)
+    record_rows(rows)  # Prometheus, once the rows are stored
+    return written
 
 
 def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> list[dict[str, Any]]:
