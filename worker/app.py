@@ -21,7 +21,9 @@ QUEUES = ("cpu", "gpu", "training")
 def make_app() -> Celery:
     s = get_worker_settings()
     app = Celery(
-        "sortline", broker=s.broker_url, include=["worker.tasks.inference", "worker.tasks.training"]
+        "sortline",
+        broker=s.broker_url,
+        include=["worker.tasks.inference", "worker.tasks.training", "worker.tasks.ops"],
     )
     app.conf.update(
         task_serializer="json",
