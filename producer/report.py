@@ -207,8 +207,8 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     c = rep["confidence"]
     thr = rep["review_threshold"]
     page.p(f"mean {viz.fmt(c['mean'])}, median {viz.fmt(c['median'])}, lowest {viz.fmt(c['min'])}"
-           + (f"; {rep['needs_review']} images below the review threshold {thr:g}"
-              if thr is not None else ""))  # fmt: skip
+           + f"; {rep['needs_review']} images marked for review"
+           + (f" (confidence below {thr:g} when classified)" if thr is not None else ""))  # fmt: skip
     page.figure(ch["confidence"], "confidence histogram (dashed: review threshold)")
 
     m = rep.get("labelled")
@@ -227,10 +227,10 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     page.h2("Lowest confidence (for review)")
     if "lowest" in ch:
         page.table(
-            ["position", "label", "confidence", "corrected", "file"],
-            [(r["position"], r["label"], r["confidence"], r["corrected_label"], r["ref"])
+            ["file", "label", "confidence", "corrected", "position"],
+            [(r["ref"], r["label"], r["confidence"], r["corrected_label"], r["position"])
              for r in rep["lowest_confidence"]],
-            left=0,
+            left=2,
         )  # fmt: skip
         page.figure(ch["lowest"], "lowest-confidence images with their predicted label")
     else:
