@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from celery.signals import task_failure, task_retry, worker_init, worker_ready
+from celery.signals import task_failure, task_retry, worker_init, worker_ready, worker_shutdown
 
 from db.config import SortlineSettings
 
@@ -116,17 +116,28 @@ def _use_multiprocess_dir(path: Path) -> None:
     values.ValueClass = values.get_value_class()  # in case prometheus_client came in earlier
 
 
+_temporary: Path | None = None  # the folder to remove when the worker stops
+
+
 @worker_init.connect
 def _prepare(**_) -> None:
     """In the worker's main process, before the pool forks: the multiprocess folder."""
     s = MetricsSettings()
     if not s.metrics_port:
         return
+    global _temporary
     path = Path(s.metrics_dir) if s.metrics_dir else Path(tempfile.mkdtemp(prefix="sortline-m-"))
-    if path.exists():  # counters start at zero with each worker, as Prometheus expects
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):  # counters start at zero with each worker, as Prometheus expects
+        old.unlink()
+    _temporary = None if s.metrics_dir else path
     _use_multiprocess_dir(path)
+
+
+@worker_shutdown.connect
+def _cleanup(**_) -> None:
+    if _temporary is not None:
+        shutil.rmtree(_temporary, ignore_errors=True)
 
 
 @worker_ready.connect
