@@ -153,12 +153,27 @@ def check_parallel(url: str, parallel: int) -> None:
         )
 
 
+_storages: dict[tuple, Any] = {}
+
+
 def make_storage(url: str | None = None) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage with heartbeats and a retry callback for stale (killed) trials."""
-    import optuna
+    """Optuna's RDB storage with heartbeats and a retry callback for stale (killed) trials.
+
+    One per process and URL (a worker runs many trials; each storage holds a pool).
+    """
+    import os
 
     s = get_tune_settings()
     url = storage_url(url)
+    key = (os.getpid(), url, s.tune_heartbeat_interval, s.tune_grace_period, s.tune_max_retry)
+    if key not in _storages:
+        _storages[key] = _new_storage(url, s)
+    return _storages[key]
+
+
+def _new_storage(url: str, s: TuneSettings) -> optuna.storages.RDBStorage:
+    import optuna
+
     kw: dict[str, Any] = {}
     if not is_sqlite(url):
         kw["engine_kwargs"] = {"pool_pre_ping": True}
@@ -658,9 +673,9 @@ def run_one_trial(
         def run(trial: optuna.Trial) -> float:
             release()  # the trial is asked (RUNNING): others may decide now
             ran["number"] = trial.number
-            trial.set_user_attr("worker", worker or "")
             if task_id:
                 trial.set_user_attr("task_id", task_id)
+            trial.set_user_attr("worker", worker or "")
             try:
                 return objective(trial, conf, raw)
             except optuna.TrialPruned:
