@@ -42,6 +42,7 @@ from training.imaging import ImageError, decode_image
 log = logging.getLogger(__name__)
 
 ANALYSIS_SIZE = (64, 64)  # JPEG draft target: the same decode as training.data's hashing
+ANALYSIS_SIDE = 128  # foreground and light are measured at most this large (TrashNet: 96x128)
 FG_EDGE = 12.0  # luma gradient (per pixel of the ~96x128 analysis image) of an edge
 FG_CHROMA = 40.0  # chroma (max - min of RGB) above the background's
 FG_LINE_SHARE = 0.03  # a row/column belongs to the box above this share of foreground pixels
@@ -114,6 +115,9 @@ def analyse_file(root: Path, rel: str, label: str) -> ImageStats:
         return st
     st.width, st.height, st.aspect = w, h, round(w / h, 4)
     st.phash = f"{phash(img):016x}"
+    if max(img.size) > ANALYSIS_SIDE:  # PNGs and others have no draft mode
+        img = img.copy()
+        img.thumbnail((ANALYSIS_SIDE, ANALYSIS_SIDE), Image.Resampling.BILINEAR)
     luma = np.asarray(img.convert("L"), dtype=np.float32)
     st.brightness, st.contrast = round(float(luma.mean()), 2), round(float(luma.std()), 2)
     box, fg = foreground_box(img)
