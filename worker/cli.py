@@ -61,10 +61,11 @@ def flower(port: int | None, address: str) -> None:
 @click.command()
 @click.option("-c", "--concurrency", type=click.IntRange(1, 64), help="Worker processes.")
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
-def up(concurrency: int | None, no_flower: bool) -> None:
+@click.option("--training", is_flag=True, help="Also a training-queue worker (as in compose).")
+def up(concurrency: int | None, no_flower: bool, training: bool) -> None:
     """Start the local stack: Redis (if none answers), one CPU worker and Flower."""
     try:
-        started = stack.up(concurrency=concurrency, flower=not no_flower)
+        started = stack.up(concurrency=concurrency, flower=not no_flower, training=training)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     for s in started:

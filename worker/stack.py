@@ -132,8 +132,14 @@ def wait_for_worker(name_prefix: str, timeout: float = 60) -> bool:
     return False
 
 
-def up(*, concurrency: int | None = None, flower: bool = True) -> list[Started]:
-    """Start what is missing of the local stack; return what was started."""
+def up(
+    *, concurrency: int | None = None, flower: bool = True, training: bool = False
+) -> list[Started]:
+    """Start what is missing of the local stack; return what was started.
+
+    With *training*, also a ``training`` queue worker: then it mirrors docker-compose.yml's
+    redis, migrate, worker-cpu, worker-training and flower.
+    """
     s = get_worker_settings()
     started: list[Started] = []
     if running():
@@ -144,12 +150,17 @@ def up(*, concurrency: int | None = None, flower: bool = True) -> list[Started]:
 
     ensure_schema()
     started.append(_spawn("worker", worker_argv("cpu", concurrency)))
+    if training:
+        started.append(_spawn("training", worker_argv("training", 1)))
     if flower:
         argv, env = flower_argv(s.flower_port, "127.0.0.1")
         started.append(_spawn("flower", argv, env))
     if not wait_for_worker("sortline-cpu@"):
         down()
         raise RuntimeError(f"the worker did not come up; see {home() / 'logs' / 'worker.log'}")
+    if training and not wait_for_worker("sortline-training@"):
+        down()
+        raise RuntimeError(f"the training worker did not come up; see {home() / 'logs'}")
     return started
 
 
@@ -168,7 +179,7 @@ def running() -> dict[str, int]:
 
 def down(timeout: float = 20) -> list[str]:
     """Stop every process `up` started (worker and Flower first, Redis last)."""
-    order = ["flower", "worker", "redis"]
+    order = ["flower", "worker", "training", "redis"]
     procs = sorted(running().items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 0)
     stopped = []
     for name, pid in procs:

@@ -165,3 +165,53 @@ def test_cpu_and_training_workers_serve_their_queues(stack, broker, tmp_path):
     # the training worker has its own exporter, and classified nothing
     text = requests.get(f"http://127.0.0.1:{training_port}/metrics", timeout=5).text
     assert not _samples(text, "sortline_images_classified_total{")
+
+
+def test_sortline_up_mirrors_the_compose_stack(tiny_model, tmp_path):
+    """`sortline up --training` on a machine without Docker: a Redis with the password of the
+    broker URL, the schema migrated, a cpu and a training worker and Flower; the compose
+    health check command passes against it, and `sortline down` stops it all."""
+    port, flower_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "SORTLINE_HOME": str(tmp_path / "home"),
+        "SORTLINE_BROKER_URL": f"redis://:up-redis-pw@127.0.0.1:{port}/0",
+        "SORTLINE_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}",  # not migrated yet
+        "SORTLINE_MODEL": str(tiny_model),
+        "SORTLINE_FLOWER_PORT": str(flower_port),
+        "SORTLINE_FLOWER_USER": "admin",
+        "SORTLINE_FLOWER_PASSWORD": "up-flower-pw",
+    }
+
+    def sortline(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "sortline.cli", *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    try:
+        out = sortline("up", "--training", "-c", "1")
+        assert out.returncode == 0, out.stdout + out.stderr
+        started = {
+            line.split()[1] for line in out.stdout.splitlines() if line.startswith("started")
+        }
+        assert started == {"redis", "worker", "training", "flower"}
+        health = sortline("health", "-Q", "cpu", "-Q", "training", "--node", "sortline-cpu@%h")
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert "redis://:***@" in health.stdout and "up-redis-pw" not in health.stdout
+
+        def flower_up() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{flower_port}/healthcheck", timeout=2).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(flower_up, timeout=30)
+        auth = ("admin", "up-flower-pw")
+        r = requests.get(f"http://127.0.0.1:{flower_port}/api/workers", timeout=10)
+        assert r.status_code == 401
+        assert requests.get(r.url, auth=auth, timeout=10).ok
+    finally:
+        down = sortline("down")
+    assert down.returncode == 0, down.stderr
+    assert set(down.stdout.removeprefix("stopped ").strip().split(", ")) == started
