@@ -197,9 +197,9 @@ def run_report(run_dir: str | Path, out: str | Path) -> Path:
     page.h2("Curves and confusion matrix")
     figs = [(p, cap) for p, cap in ((_curves_png(run, out), "training curves"),
                                     (_confusion_png(run, out), "test confusion matrix")) if p]  # fmt: skip
-    if figs:
-        page.figures(figs)
-    else:
+    for png, caption in figs:
+        page.figure(png, caption)
+    if not figs:
         page.p("No curves.png, history.csv or confusion matrix in the run folder.", "warn")
     if run["report_text"]:
         page.pre(run["report_text"])
@@ -263,6 +263,14 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     if len({s for s in shas.values() if s}) > 1:
         page.p("The runs used different splits (manifest sha256 differ): their test figures are "
                "not directly comparable.", "warn")  # fmt: skip
+    per = {r["name"]: (_metrics(r).get("test") or {}).get("per_class") or {} for r in runs}
+    classes = list(dict.fromkeys(c for v in per.values() for c in v))
+    if classes:
+        page.h2("Per-class F1 (test split)")
+        page.table(
+            ["class", *per],
+            [(c, *((per[n].get(c) or {}).get("f1") for n in per)) for c in classes],
+        )
     page.h2("Confusion matrices (test split)")
     figs = []
     for i, r in enumerate(runs):
