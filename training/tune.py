@@ -737,7 +737,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return None
 
 
-def status_text(study: optuna.Study) -> str:
+def status_text(study: optuna.Study, storage: str | None = None) -> str:
     """The trials table and the best trial, as printed by ``sortline tune status``."""
     rows = trial_rows(study)
     conf = study.user_attrs.get("config", {})
@@ -748,6 +748,8 @@ def status_text(study: optuna.Study) -> str:
         f"({c['COMPLETE']} complete, {c['PRUNED']} pruned), {c['FAIL']} failed, "
         f"{c['RUNNING']} running, {c['WAITING']} waiting"
     )
+    if storage:  # the URL optuna-dashboard opens
+        head += f"\nstorage {mask_url(storage)}"
     lines = [head, f"{'#':>4}  {'state':<8} {'value':>8} {'seconds':>8}  {'worker':<28} params"]
     for r in rows:
         v = "" if r["value"] is None else f"{r['value']:.4f}"
@@ -787,7 +789,7 @@ def save_plots(study: optuna.Study, out: str | Path) -> list[Path]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
-                ax = fn(study)
+                ax = fn(study, target_name="validation macro-F1")
             except (ValueError, RuntimeError) as e:  # e.g. importances of a constant objective
                 log.warning("no %s: %s", fname, e)
                 continue

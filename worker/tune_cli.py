@@ -138,7 +138,14 @@ def tune(
 
 def _follow(name: str, trials: int, plots: Path | None) -> None:
     from training.config import get_training_settings
-    from training.tune import best_trial, load_study, save_plots, state_counts, status_text
+    from training.tune import (
+        best_trial,
+        load_study,
+        save_plots,
+        state_counts,
+        status_text,
+        storage_url,
+    )
 
     study = load_study(name, pruner=False)
     last = None
@@ -160,7 +167,7 @@ def _follow(name: str, trials: int, plots: Path | None) -> None:
     except KeyboardInterrupt:
         click.echo("stopped following; the trials go on (`sortline tune status NAME`)")
         return
-    click.echo(status_text(study))
+    click.echo(status_text(study, storage_url()))
     out = plots or get_training_settings().runs_dir / f"tune-{name}"
     for p in save_plots(study, out):
         click.echo(f"plot {p}")
@@ -179,7 +186,14 @@ def status(name, plots, as_json) -> None:
     """A study's trials (number, state, value, params, duration, worker) and the best one."""
     import json
 
-    from training.tune import best_trial, load_study, save_plots, status_text, trial_rows
+    from training.tune import (
+        best_trial,
+        load_study,
+        save_plots,
+        status_text,
+        storage_url,
+        trial_rows,
+    )
 
     with _errors():
         study = load_study(name, pruner=False)
@@ -188,7 +202,7 @@ def status(name, plots, as_json) -> None:
         best = None if b is None else {"number": b.number, "value": b.value, "params": b.params}
         click.echo(json.dumps({"trials": trial_rows(study), "best": best}))
     else:
-        click.echo(status_text(study))
+        click.echo(status_text(study, storage_url()))
     if plots:
         for p in save_plots(study, plots):
             click.echo(f"plot {p}", err=as_json)
