@@ -19,7 +19,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN groupadd --system --gid 10001 sortline \
- && useradd --system --uid 10001 --gid sortline --home-dir /app --shell /usr/sbin/nologin sortline
+ && useradd --system --uid 10001 --gid sortline --create-home --home-dir /home/sortline \
+      --shell /usr/sbin/nologin sortline
 
 WORKDIR /app
 
