@@ -75,6 +75,7 @@ def ship(
     }
     save_checkpoint(tmp, model, meta, half=True)
     os.replace(tmp, out)
+    out.chmod(0o644)
     sha = file_sha256(out)
     log.info("shipped %s (%s) -> %s", run_dir, sha[:12], out)
     return {"path": str(out), "sha256": sha, "bytes": out.stat().st_size, "metrics": metrics}
