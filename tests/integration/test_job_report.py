@@ -7,6 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from db.engine import session_scope
+from db.service import create_job, record_results
 from producer.report import job_report
 from producer.submit import submit_paths, wait_for_job
 from sortline.cli import cli
@@ -64,12 +66,18 @@ def test_job_over_labelled_folder_reports_the_accuracy_of_evaluate(
     assert "broken.jpg" in html and "Accuracy against the folder names" in html
 
 
-def test_report_of_an_unlabelled_job_and_of_an_unknown_one(make_worker, tmp_path):
-    make_worker()
-    job_id = submit_paths(write_images(tmp_path / "photos", 5))
-    wait_for_job(job_id, timeout=60)
+def test_report_of_an_unlabelled_job_and_of_an_unknown_one(db_url, tmp_path):
+    photos = write_images(tmp_path / "photos", 5)
+    rows = [{"position": i, "ref": str(p), "status": "ok", "label": CLASSES[i],
+             "confidence": 0.5, "probs": {c: 0.1 for c in CLASSES} | {CLASSES[i]: 0.5}}
+            for i, p in enumerate(photos)]  # fmt: skip
+    with session_scope() as s:
+        job_id = create_job(s, source="photos", queue="cpu", total=5).id
+        record_results(s, job_id=job_id, rows=rows)
     rep = job_report(job_id, tmp_path / "r")
-    assert "labelled" not in rep and rep["n_ok"] == 5
+    assert (
+        "labelled" not in rep and rep["n_ok"] == 5 and rep["labels"] == {c: 1 for c in CLASSES[:5]}
+    )
     assert set(rep["charts"]) == {"labels", "confidence", "lowest"}
     r = CliRunner().invoke(cli, ["report", "feedbeef", "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "no job 'feedbeef'" in r.output
