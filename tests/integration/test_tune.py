@@ -124,7 +124,7 @@ def test_killed_worker_trial_fails_and_is_retried(pg, data, workers, tmp_path):
     r = CliRunner().invoke(
         cli,
         ["tune", "--study", "kill", "--data", str(data), "--arch", "tiny", "--pretrained", "none",
-         "--trials", "4", "--epochs", "100", "--pruner", "none"],
+         "--trials", "4", "--epochs", "400", "--pruner", "none"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     study = load_study("kill")
