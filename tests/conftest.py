@@ -1,4 +1,4 @@
-"""Shared test configuration: a separate Redis database and a tiny seeded model."""
+"""Shared test configuration: a private redis-server per session, a tiny seeded model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,30 @@ from pathlib import Path
 
 import pytest
 
-# Set before any sortline module reads its settings (the Celery app reads them at import).
-os.environ.setdefault("SORTLINE_BROKER_URL", "redis://127.0.0.1:6379/11")
+_private_redis = None
+
+
+def pytest_configure(config) -> None:
+    """Give the session a redis-server of its own, so that test runs never share queues.
+
+    Done before collection, since the Celery app reads its broker URL at import. Set
+    SORTLINE_BROKER_URL to use another broker instead.
+    """
+    global _private_redis
+    if "SORTLINE_BROKER_URL" in os.environ or hasattr(config, "workerinput"):
+        return
+    from tests.support.servers import RedisServer
+
+    folder = Path(tempfile.mkdtemp(prefix="sortline-redis-"))
+    _private_redis = RedisServer(folder, persist=False).start()
+    os.environ["SORTLINE_BROKER_URL"] = _private_redis.url
+
+
+def pytest_unconfigure(config) -> None:
+    if _private_redis is not None:
+        _private_redis.stop()
+
+
 os.environ.setdefault("SORTLINE_HOME", tempfile.mkdtemp(prefix="sortline-home-"))
 os.environ.setdefault("SORTLINE_CACHE_DIR", tempfile.mkdtemp(prefix="sortline-cache-"))
 os.environ.pop("SORTLINE_ALLOWED_ROOTS", None)

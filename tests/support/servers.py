@@ -36,8 +36,16 @@ def _wait(predicate, timeout: float, what: str) -> None:
 class RedisServer:
     """A redis-server on a spare port, persisting every write (appendfsync always)."""
 
-    def __init__(self, folder: Path, *, password: str | None = None, port: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        password: str | None = None,
+        port: int | None = None,
+        persist: bool = True,
+    ):
         self.folder = folder
+        self.persist = persist
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
@@ -60,9 +68,14 @@ class RedisServer:
     def start(self) -> RedisServer:
         argv = [
             shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-            "--bind", "127.0.0.1", "--dir", str(self.folder), "--appendonly", "yes",
-            "--appendfsync", "always", "--save", "", "--logfile", str(self.folder / "redis.log"),
+            "--bind", "127.0.0.1", "--dir", str(self.folder), "--save", "",
+            "--logfile", str(self.folder / "redis.log"),
         ]  # fmt: skip
+        argv += (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persist
+            else ["--appendonly", "no"]
+        )
         if self.password:
             argv += ["--requirepass", self.password]
         self.proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL)
