@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from sortline.cli import cli
+from tests.support.servers import RedisServer, use_broker
 from tests.support.services import CeleryWorker, create_pg_database, drop_pg_database, wait_until
 from tests.unit.test_training import make_imagefolder
 
@@ -42,11 +43,28 @@ def data(tmp_path):
 
 
 @pytest.fixture
-def workers(pg, tmp_path):
+def broker(tmp_path, monkeypatch):
+    """A redis-server of this test's own: no worker or flush of another test run interferes."""
+    import signal
+
+    server = RedisServer(tmp_path / "redis").start()
+    app, original = use_broker(monkeypatch, server.url)
+    yield server
+    app.close()
+    original.set_current()
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def workers(pg, broker, tmp_path):
     started: list[CeleryWorker] = []
 
     def start(n: int, **env) -> list[CeleryWorker]:
-        base = {"SORTLINE_DATABASE_URL": pg, "SORTLINE_CACHE_DIR": str(tmp_path / "cache")}
+        base = {
+            "SORTLINE_DATABASE_URL": pg,
+            "SORTLINE_CACHE_DIR": str(tmp_path / "cache"),
+            "SORTLINE_BROKER_URL": broker.url,
+        }
         for _ in range(n):
             w = CeleryWorker(
                 {**base, **env}, queues="training", concurrency=1,

@@ -52,8 +52,10 @@ def run_trial(self, message: dict) -> dict:
 
 def enqueue_trials(study: str, *, data: str, arch: str, mode: str, n: int, first_slot: int = 0):
     """Send *n* trial tasks for *study* to the training queue; return their task ids."""
+    import worker.app as worker_app  # looked up now: tests may point it at another broker
+
     ids = []
     for slot in range(first_slot, first_slot + n):
         msg = {"study": study, "slot": slot, "data": data, "arch": arch, "mode": mode}
-        ids.append(run_trial.apply_async(args=[msg], queue="training").id)
+        ids.append(worker_app.app.send_task(TASK, args=[msg], queue="training").id)
     return ids
