@@ -65,6 +65,11 @@ def ship(
         metrics["test_robustness"] = robustness_report(
             model, data["test"][0], data["test"][1], spec
         )
+    elif "test_robustness" in metrics:
+        metrics["test_robustness"] = {
+            **metrics["test_robustness"],
+            "weights": "float32 (the run's)",
+        }
     meta = {
         **meta,
         "name": name,
