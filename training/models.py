@@ -33,7 +33,9 @@ HALF = (0.5, 0.5, 0.5)
 
 ARCHS: dict[str, ArchInfo] = {
     "resnet18": ArchInfo("torchvision", "resnet18", IMAGENET_MEAN, IMAGENET_STD, False, 512),
-    "efficientnet_b0": ArchInfo("timm", "efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD, False, 1280),
+    "efficientnet_b0": ArchInfo(
+        "timm", "efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD, False, 1280
+    ),
     # The offline EfficientNet-Lite0 weights are TensorFlow's: TF-style padding and mean=std=0.5.
     "efficientnet_lite0": ArchInfo("timm", "tf_efficientnet_lite0", HALF, HALF, True, 1280),
     "tiny": ArchInfo("local", "tiny", HALF, HALF, False, 16),
@@ -141,7 +143,9 @@ def create_model(
             model = torchvision.models.resnet18(weights=weights)
         except Exception as e:  # URLError, HTTPError, RuntimeError on hash
             raise _hub_error(name, e) from e
-        model.fc = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(model.fc.in_features, num_classes))
+        model.fc = nn.Sequential(
+            nn.Dropout(drop_rate), nn.Linear(model.fc.in_features, num_classes)
+        )
         return model
 
     import timm
