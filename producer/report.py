@@ -15,6 +15,7 @@ import numpy as np
 from db.engine import session_scope
 from db.service import get_job, label_counts, list_results
 from training import viz
+from training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +29,9 @@ def folder_label(ref: str, classes: Sequence[str]) -> str | None:
 
 
 def labelled_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict:
-    """n, accuracy, macro-F1 (over classes present), per-class figures and the confusion matrix.
-
-    The same definitions as ``training.evaluate.classification_metrics``, which
-    ``sortline evaluate`` prints; computed here without importing torch.
-    """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
+    """The metrics `sortline evaluate` prints, for class names instead of indices."""
     idx = {c: i for i, c in enumerate(classes)}
-    yt = np.array([idx[c] for c in y_true], dtype=int)
-    yp = np.array([idx[c] for c in y_pred], dtype=int)
-    labels = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(yt, yp, labels=labels, zero_division=0)
-    present = s > 0
-    return {
-        "n": int(len(yt)),
-        "accuracy": float((yt == yp).mean()) if len(yt) else 0.0,
-        "macro_f1": float(f[present].mean()) if present.any() else 0.0,
-        "per_class": {
-            c: {
-                "precision": float(p[i]),
-                "recall": float(r[i]),
-                "f1": float(f[i]),
-                "support": int(s[i]),
-            }
-            for i, c in enumerate(classes)
-        },  # fmt: skip
-        "confusion": confusion_matrix(yt, yp, labels=labels).tolist(),
-    }
+    return classification_metrics([idx[c] for c in y_true], [idx[c] for c in y_pred], list(classes))
 
 
 def _review_threshold() -> float | None:
