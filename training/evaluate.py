@@ -132,28 +132,10 @@ def _plt():
 def plot_confusion(
     confusion: list[list[int]], classes: list[str], path: str | Path, title: str = ""
 ) -> None:
-    plt = _plt()
-    cm = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(
-                j,
-                i,
-                str(cm[i, j]),
-                ha="center",
-                va="center",
-                color="white" if cm[i, j] > cm.max() / 2 else "black",
-            )
-    ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """The confusion matrix as a PNG (the same chart as the HTML reports)."""
+    from training.viz import confusion_png
+
+    confusion_png(confusion, classes, path, title=title or "confusion matrix")
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:
