@@ -84,9 +84,8 @@ def _scan_one(path: Path) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), phash(img)
 
 
-def scan_imagefolder(root: str | Path) -> Dataset:
-    """Read an ImageFolder tree (one folder per class); hash every image, skip corrupt ones."""
-    root = Path(root)
+def class_folders(root: Path) -> list[str]:
+    """The class names of an ImageFolder tree (its sub-folders, sorted), or :class:`DatasetError`."""
     if not root.is_dir():
         raise DatasetError(f"data directory not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -94,6 +93,13 @@ def scan_imagefolder(root: str | Path) -> Dataset:
         raise DatasetError(
             f"{root} has no class folders; expected ImageFolder layout root/CLASS/*.jpg"
         )
+    return classes
+
+
+def scan_imagefolder(root: str | Path) -> Dataset:
+    """Read an ImageFolder tree (one folder per class); hash every image, skip corrupt ones."""
+    root = Path(root)
+    classes = class_folders(root)
     samples, skipped = [], []
     for label in classes:
         files = sorted(

@@ -34,6 +34,7 @@ from training.data import (
     PHASH_MAX_DISTANCE,
     DatasetError,
     Sample,
+    class_folders,
     duplicate_groups,
     phash,
 )
@@ -135,13 +136,7 @@ def analyse_file(root: Path, rel: str, label: str) -> ImageStats:
 
 def list_files(root: Path) -> tuple[list[str], list[tuple[str, str]], list[str]]:
     """Class names, (file, class) pairs of image files, and other files that were ignored."""
-    if not root.is_dir():
-        raise DatasetError(f"data directory not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DatasetError(
-            f"{root} has no class folders; expected ImageFolder layout root/CLASS/*.jpg"
-        )
+    classes = class_folders(root)
     files, ignored = [], []
     for c in classes:
         for p in sorted((root / c).rglob("*")):
