@@ -20,7 +20,7 @@ from db.service import create_job, list_results
 from producer.submit import TASK, send_items, submit_bytes, wait_for_job
 from tests.support import hostile
 from tests.support.fixtures import CLASSES, jpeg_bytes, write_images
-from tests.support.servers import RedisServer, use_broker
+from tests.support.servers import RedisServer, private_broker, use_broker
 from tests.support.services import CeleryWorker, create_pg_database, drop_pg_database, wait_until
 from worker.inputs import build_message
 
@@ -34,12 +34,8 @@ PG_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 @pytest.fixture
 def broker(tmp_path, monkeypatch):
     """A redis-server of this test's own: no worker of another test run takes its messages."""
-    server = RedisServer(tmp_path / "redis").start()
-    app, original = use_broker(monkeypatch, server.url)
-    yield server
-    app.close()
-    original.set_current()
-    server.stop(signal.SIGKILL)
+    with private_broker(tmp_path / "redis", monkeypatch) as server:
+        yield server
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from sortline.cli import cli
-from tests.support.servers import RedisServer, use_broker
+from tests.support.servers import private_broker
 from tests.support.services import CeleryWorker, create_pg_database, drop_pg_database, wait_until
 from tests.unit.test_training import make_imagefolder
 
@@ -45,14 +45,8 @@ def data(tmp_path):
 @pytest.fixture
 def broker(tmp_path, monkeypatch):
     """A redis-server of this test's own: no worker or flush of another test run interferes."""
-    import signal
-
-    server = RedisServer(tmp_path / "redis").start()
-    app, original = use_broker(monkeypatch, server.url)
-    yield server
-    app.close()
-    original.set_current()
-    server.stop(signal.SIGKILL)
+    with private_broker(tmp_path / "redis", monkeypatch) as server:
+        yield server
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from db.engine import session_scope
 from db.service import list_results
 from producer.submit import submit_paths, wait_for_job
 from tests.support.fixtures import write_images
-from tests.support.servers import RedisServer, free_port, use_broker
+from tests.support.servers import RedisServer, free_port, private_broker
 from tests.support.services import REPO, CeleryWorker, wait_until
 from tests.unit.test_compose import argv_of, compose
 from worker.tasks.ops import PING, PING_KEY
@@ -36,12 +35,8 @@ HOST = socket.gethostname()
 @pytest.fixture
 def broker(tmp_path, monkeypatch):
     """A Redis with a password, like the compose one, that no other test's worker uses."""
-    server = RedisServer(tmp_path / "redis", password="test-redis-pw").start()
-    app, original = use_broker(monkeypatch, server.url)
-    yield server
-    app.close()
-    original.set_current()
-    server.stop(signal.SIGKILL)
+    with private_broker(tmp_path / "redis", monkeypatch, password="test-redis-pw") as server:
+        yield server
 
 
 @pytest.fixture

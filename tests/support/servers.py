@@ -9,6 +9,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -182,3 +184,18 @@ def use_broker(monkeypatch, url: str, **transport_options):
     original = worker_app.app
     monkeypatch.setattr(worker_app, "app", app)
     return app, original
+
+
+@contextmanager
+def private_broker(
+    folder: Path, monkeypatch, *, password: str | None = None
+) -> Iterator[RedisServer]:
+    """A redis-server of one test's own, with this process's Celery app pointed at it."""
+    server = RedisServer(folder, password=password).start()
+    app, original = use_broker(monkeypatch, server.url)
+    try:
+        yield server
+    finally:
+        app.close()
+        original.set_current()
+        server.stop(signal.SIGKILL)
