@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,9 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import redis
+
+log = logging.getLogger(__name__)
 
 PG_ADMIN = os.environ.get("SORTLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +80,12 @@ class CeleryWorker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}; log: {self.log}")
-            replies = app.control.ping(destination=[self.hostname], timeout=0.5) or []
+            try:
+                replies = app.control.ping(destination=[self.hostname], timeout=0.5) or []
+            except (redis.RedisError, OSError) as e:  # a pooled connection to a broker gone since
+                log.info("ping failed (%s); retrying", e)
+                time.sleep(0.2)
+                continue
             if replies:
                 return self
         raise RuntimeError(f"worker {self.name} did not answer a ping; log: {self.log}")
