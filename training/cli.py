@@ -28,6 +28,22 @@ def _user_errors():
         raise click.ClickException(str(e)) from None
 
 
+arch_option = click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCHS)),
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Architecture from the model factory.",
+)
+mode_option = click.option(
+    "--mode",
+    type=click.Choice(["frozen", "finetune"]),
+    default="frozen",
+    show_default=True,
+    help="frozen: linear head on cached backbone features; finetune: train the whole network.",
+)
+
+
 def _checkpoint_option(f):
     return click.option(
         "--checkpoint",
@@ -51,20 +67,8 @@ def _checkpoint_option(f):
     metavar="NAME",
     help="Train with the best trial of this `sortline tune` study (its data, arch, mode, params).",
 )
-@click.option(
-    "--arch",
-    type=click.Choice(sorted(ARCHS)),
-    default="efficientnet_lite0",
-    show_default=True,
-    help="Architecture from the model factory.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["frozen", "finetune"]),
-    default="frozen",
-    show_default=True,
-    help="frozen: linear head on cached backbone features; finetune: train the whole network.",
-)
+@arch_option
+@mode_option
 @click.option(
     "--pretrained",
     type=click.Choice(["auto", "offline", "hub", "none"]),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from training.models import ARCHS
+from training.cli import arch_option, mode_option
 from training.tune import PRUNERS
 
 
@@ -35,20 +35,8 @@ def _errors():
     type=click.Path(exists=True, file_okay=False),
     help="ImageFolder directory, as the training workers see it.",
 )
-@click.option(
-    "--arch",
-    type=click.Choice(sorted(ARCHS)),
-    default="efficientnet_lite0",
-    show_default=True,
-    help="Architecture from the model factory.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["frozen", "finetune"]),
-    default="frozen",
-    show_default=True,
-    help="frozen: linear head on cached backbone features; finetune: the whole network.",
-)
+@arch_option
+@mode_option
 @click.option(
     "--trials",
     type=click.IntRange(1),
