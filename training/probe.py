@@ -1,6 +1,7 @@
-"""Which timm variant and normalisation fit the offline EfficientNet-Lite0 weights best.
+"""Which timm variant and normalisation fit the offline EfficientNet-Lite weights best.
 
-Run: ``python -m training.probe --data /work/shared/trashnet`` (a logistic-regression probe on
+Run: ``python -m training.probe --data /work/shared/trashnet [--arch efficientnet_lite2]``
+(each at its own input size; a logistic-regression probe on
 pooled features; fitted on the train split, scored on the val split, the test split unused).
 """
 
@@ -18,38 +19,41 @@ import torch
 from training.data import load_resized, load_split
 from training.features import extract
 from training.models import (
+    ARCHS,
     HALF,
     IMAGENET_MEAN,
     IMAGENET_STD,
     _load_by_position,
-    _offline_lite0_state,
+    _offline_state,
 )
 from training.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
 
-def probe(data: str, cache_dir: str = "cache") -> list[dict]:
+def probe(data: str, arch: str = "efficientnet_lite0", cache_dir: str = "cache") -> list[dict]:
     """Fit a probe for each (variant, normalisation); return val accuracy and macro-F1."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
 
     ds = load_split(data)
     tr, va = ds.split("train"), ds.split("val")
-    imgs_tr = load_resized(ds, tr, cache_dir=cache_dir)
-    imgs_va = load_resized(ds, va, cache_dir=cache_dir)
+    info = ARCHS[arch]
+    imgs_tr = load_resized(ds, tr, short_side=info.resize, cache_dir=cache_dir)
+    imgs_va = load_resized(ds, va, short_side=info.resize, cache_dir=cache_dir)
     y_tr = np.array([ds.label_index(s) for s in tr])
     y_va = np.array([ds.label_index(s) for s in va])
     rows = []
-    for variant in ("tf_efficientnet_lite0", "efficientnet_lite0"):
+    weights = _offline_state(arch)
+    for variant in (f"tf_{arch}", arch):
         model = timm.create_model(variant, pretrained=False, num_classes=1000)
-        _load_by_position(model, _offline_lite0_state())
+        _load_by_position(model, weights)
         model = model.to(memory_format=torch.channels_last).eval()
         for norm, (mean, std) in {
             "half": (HALF, HALF),
             "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
         }.items():
-            spec = PreprocessSpec(mean=mean, std=std)
+            spec = PreprocessSpec(resize=info.resize, crop=info.crop, mean=mean, std=std)
             t = time.time()
             f_tr, f_va = extract(model, imgs_tr, spec), extract(model, imgs_va, spec)
             clf = LogisticRegression(max_iter=3000, C=1.0).fit(f_tr, y_tr)
@@ -70,7 +74,10 @@ def probe(data: str, cache_dir: str = "cache") -> list[dict]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
+    ap.add_argument(
+        "--arch", default="efficientnet_lite0", choices=[n for n, a in ARCHS.items() if a.offline]
+    )
     ap.add_argument("--cache-dir", default="cache")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    probe(a.data, a.cache_dir)
+    probe(a.data, a.arch, a.cache_dir)

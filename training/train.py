@@ -372,8 +372,8 @@ class RunConfig:
     balance: str = "loss"
     seed: int = 0
     split_seed: int = 0
-    resize: int = 256
-    crop: int = 224
+    resize: int | None = None  # default: the architecture's own input size
+    crop: int | None = None
     frozen: FrozenParams = field(default_factory=FrozenParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     robustness: bool = True
@@ -383,6 +383,14 @@ class RunConfig:
     register: bool = True
     cache_dir: str = "cache"
     study: dict | None = None  # train --from-study: the study and trial it comes from
+
+    def __post_init__(self) -> None:
+        from training.models import ARCHS
+
+        info = ARCHS.get(self.arch)
+        if info is not None:
+            self.resize = self.resize or info.resize
+            self.crop = self.crop or info.crop
 
 
 def _write_history(history: list[dict], path: Path) -> None:

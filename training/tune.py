@@ -242,11 +242,19 @@ class StudyConfig:
     balance: str = "loss"
     seed: int = 0
     split_seed: int = 0
-    resize: int = 256
-    crop: int = 224
+    resize: int | None = None  # default: the architecture's own input size
+    crop: int | None = None
 
     # what a resumed study may change
     MUTABLE = ("trials", "parallel", "pruner")
+
+    def __post_init__(self) -> None:
+        from training.models import ARCHS
+
+        info = ARCHS.get(self.arch)
+        if info is not None:
+            self.resize = self.resize or info.resize
+            self.crop = self.crop or info.crop
 
     def validate(self) -> None:
         from training.models import ARCHS
