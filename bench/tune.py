@@ -4,18 +4,21 @@ The reference study ran 20 Optuna trials of a frozen EfficientNet-B0 with a new 
 (15 epochs each) one after another, re-running the backbone over the (augmented) images in
 every epoch. This prints:
 
-(a) that way: the time of one epoch measured here (backbone forward with online augmentation
-    over the training images + head update, then a forward over the val images), times
-    trials x epochs, labelled as extrapolated from the measured epochs;
+(a) that way: the mean time of the epochs run here (backbone forward with online augmentation
+    over the training images + head update, then a forward over the val images; by default
+    one whole reference trial of 15 epochs), times trials x epochs; printed as extrapolated
+    unless --ref-epochs covers all trials x epochs;
 (b) sortline: backbone features computed once (timed and printed separately, included in
     the totals), then the 20 trials x 15 epochs on the cached features as tasks on the
-    training queue, with 1 and then 2 training worker processes (PostgreSQL study, Redis).
+    training queue, with 1 and then 2 training worker processes (PostgreSQL study, Redis),
+    and after the first search `train --from-study` with its best trial, whose val macro-F1
+    is printed beside the trial's.
 
-Both use efficientnet_lite0 (the only architecture with offline ImageNet weights here; the
-reference used EfficientNet-B0, about the same cost per image on this CPU). No pruning in
+Both use efficientnet_lite0 (ResNet18 and EfficientNet-B0 weights cannot be had offline here;
+the reference's EfficientNet-B0 costs about the same per image on this CPU). No pruning in
 (b), so both do the same 300 epochs of head training.
 
-    python bench/tune.py [--data DIR] [--trials 20] [--epochs 15] [--ref-epochs 1]
+    python bench/tune.py [--data DIR] [--trials 20] [--epochs 15] [--ref-epochs 15]
 """
 
 from __future__ import annotations
@@ -89,7 +92,20 @@ def reference_epochs(data: Path, arch: str, n_epochs: int, cache: Path) -> tuple
     return (time.perf_counter() - t0) / n_epochs, len(tr)
 
 
-def sortline_search(data: Path, arch: str, trials: int, epochs: int, workers: int, log: Path):
+def reproduce_best(name: str, out: Path) -> tuple[float, float, float]:
+    """`sortline train --from-study`: (best trial's value, the new run's val macro-F1, seconds)."""
+    from training.train import train
+    from training.tune import run_config_from_study
+
+    cfg = run_config_from_study(name, out=str(out), register=False, robustness=False)
+    t0 = time.perf_counter()
+    val_f1 = train(cfg)["metrics"]["val"]["macro_f1"]
+    return cfg.study["value"], val_f1, time.perf_counter() - t0
+
+
+def sortline_search(
+    data: Path, arch: str, trials: int, epochs: int, workers: int, log: Path, reproduce: bool
+):
     """(b) seconds to prepare the study (features) and to run the trials on *workers*."""
     from training.tune import StudyConfig, create_or_resume, load_study, state_counts
     from worker.tasks.training import enqueue_trials
@@ -125,6 +141,13 @@ def sortline_search(data: Path, arch: str, trials: int, epochs: int, workers: in
             for t in study.get_trials(deepcopy=False)
             if t.datetime_complete
         ]
+        if reproduce:
+            value, val_f1, secs = reproduce_best(name, log.parent / f"{name}-from-study")
+            print(
+                f"    train --from-study {name}: val macro-F1 {val_f1:.4f} vs best trial "
+                f"{value:.4f} (difference {abs(val_f1 - value):.4f}, {secs:.1f} s)",
+                flush=True,
+            )
         return prepare_s, search_s, c, best, sum(durations) / len(durations)
     finally:
         for w in procs:
@@ -143,7 +166,12 @@ def main() -> None:
     ap.add_argument("--arch", default="efficientnet_lite0")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--ref-epochs", type=int, default=1, help="epochs of (a) actually run")
+    ap.add_argument(
+        "--ref-epochs",
+        type=int,
+        default=15,
+        help="epochs of (a) actually run [15: one whole reference trial; trials x epochs: all]",
+    )
     ap.add_argument("--workers", default="1,2", help="training worker counts for (b)")
     args = ap.parse_args()
 
@@ -164,10 +192,14 @@ def main() -> None:
     # (a) decodes into its own cache, so that (b) decodes the images again in its own timing
     per_epoch, n_train = reference_epochs(args.data, args.arch, args.ref_epochs, scratch / "ref")
     a_total = per_epoch * total_epochs
+    how = (
+        "measured"
+        if args.ref_epochs >= total_epochs
+        else f"extrapolated from {args.ref_epochs} measured epoch(s)"
+    )
     print(
         f"(a) reference: {per_epoch:.1f} s per epoch ({n_train} training images + val), "
-        f"x {total_epochs} epochs = {a_total:.0f} s ({a_total / 3600:.2f} h), extrapolated "
-        f"from {args.ref_epochs} measured epoch(s)",
+        f"x {total_epochs} epochs = {a_total:.0f} s ({a_total / 3600:.2f} h), {how}",
         flush=True,
     )
 
@@ -175,8 +207,9 @@ def main() -> None:
     for k in (int(x) for x in args.workers.split(",")):
         print(f"(b) sortline, {k} training worker(s) ...", flush=True)
         prep, search, c, best, mean_trial = sortline_search(
-            args.data, args.arch, args.trials, args.epochs, k, scratch / f"worker-{k}.log"
-        )
+            args.data, args.arch, args.trials, args.epochs, k, scratch / f"worker-{k}.log",
+            reproduce=features_s is None,
+        )  # fmt: skip
         if features_s is None:
             features_s = prep  # computed in the first run, cached for the next
             print(f"    feature extraction (once, backbone over every image): {prep:.1f} s")

@@ -3,6 +3,8 @@ accounting of one trial per call, the status table, plots, and `train --from-stu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -215,6 +217,9 @@ def test_train_from_study_uses_the_best_trial_and_records_it(env, data, tmp_path
     assert (origin["name"], origin["trial"], origin["value"]) == ("final", best.number, best.value)
     assert meta["training"]["frozen"]["lr"] == best.params["lr"]
     assert meta["training"]["frozen"]["epochs"] == 3 and meta["arch"] == "tiny"
+    # acceptance: the best trial's parameters reproduce its validation macro-F1 within 0.01
+    val_f1 = json.loads((out / "metrics.json").read_text())["val"]["macro_f1"]
+    assert abs(val_f1 - best.value) <= 0.01, (val_f1, best.value)
     r = CliRunner().invoke(cli, ["train", "--from-study", "nosuch", "--out", str(out)])
     assert r.exit_code == 1 and "no study 'nosuch'" in r.output
 
