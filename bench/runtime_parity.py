@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     args = ap.parse_args()
     files = sorted(set(args.data.rglob("*.jpg")))
+    if not files:
+        sys.exit(f"no *.jpg under {args.data}; build it first (see this script's docstring)")
     onnx = Classifier(args.checkpoint, runtime="onnx", device="cpu")
     torch_ = Classifier(args.checkpoint, runtime="torch", device="cpu")
     p1, p2 = [], []
