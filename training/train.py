@@ -385,12 +385,9 @@ class RunConfig:
     study: dict | None = None  # train --from-study: the study and trial it comes from
 
     def __post_init__(self) -> None:
-        from training.models import ARCHS
+        from training.models import input_size
 
-        info = ARCHS.get(self.arch)
-        if info is not None:
-            self.resize = self.resize or info.resize
-            self.crop = self.crop or info.crop
+        self.resize, self.crop = input_size(self.arch, self.resize, self.crop)
 
 
 def _write_history(history: list[dict], path: Path) -> None:

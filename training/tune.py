@@ -249,12 +249,9 @@ class StudyConfig:
     MUTABLE = ("trials", "parallel", "pruner")
 
     def __post_init__(self) -> None:
-        from training.models import ARCHS
+        from training.models import input_size
 
-        info = ARCHS.get(self.arch)
-        if info is not None:
-            self.resize = self.resize or info.resize
-            self.crop = self.crop or info.crop
+        self.resize, self.crop = input_size(self.arch, self.resize, self.crop)
 
     def validate(self) -> None:
         from training.models import ARCHS
