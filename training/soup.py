@@ -13,6 +13,7 @@ Run: ``python -m training.soup runs/ft-C runs/ft-D --out runs/soup-CD``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shutil
@@ -86,7 +87,7 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, *, cache_dir: str = "
     for r, (model, _) in zip(runs, loaded, strict=True):
         table[r.name] = val_score(model, images, y, spec)
         log.info("%s on val: %s", r.name, table[r.name])
-    soup, _ = load_checkpoint(runs[0] / "model.safetensors")
+    soup = copy.deepcopy(loaded[0][0])
     soup.load_state_dict(average_states([m.state_dict() for m, _ in loaded]))
     table["soup"] = val_score(soup, images, y, spec)
     log.info("soup on val: %s", table["soup"])
