@@ -25,8 +25,7 @@ import torch
 
 from training.checkpoint import load_checkpoint, preprocess_spec, save_checkpoint
 from training.data import load_resized, read_manifest
-from training.robustness import robustness_report
-from training.train import SELECTION_CORRUPTIONS
+from training.train import SELECTION_CORRUPTIONS, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +50,6 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
     }
 
 
-def val_score(model: torch.nn.Module, images, y, spec) -> dict:
-    """The WiSE-FT selection score of *model* on the val images."""
-    rep = robustness_report(model, images, y, spec, names=SELECTION_CORRUPTIONS)
-    clean = rep["per_corruption"]["clean"]
-    robust = rep["mean_corrupted"]["macro_f1"]
-    return {
-        "val_accuracy": clean["accuracy"],
-        "val_macro_f1": clean["macro_f1"],
-        "val_robust_macro_f1": robust,
-        "score": round((clean["macro_f1"] + robust) / 2, 5),
-    }
-
-
 def make_soup(runs: Sequence[str | Path], out: str | Path, *, cache_dir: str = "cache") -> dict:
     """Average *runs* into ``out``; score members and soup on val; return the table and choice."""
     runs = [Path(r) for r in runs]
@@ -85,11 +71,11 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, *, cache_dir: str = "
 
     table = {}
     for r, (model, _) in zip(runs, loaded, strict=True):
-        table[r.name] = val_score(model, images, y, spec)
+        table[r.name] = selection_score(model, images, y, spec)
         log.info("%s on val: %s", r.name, table[r.name])
     soup = copy.deepcopy(loaded[0][0])
     soup.load_state_dict(average_states([m.state_dict() for m, _ in loaded]))
-    table["soup"] = val_score(soup, images, y, spec)
+    table["soup"] = selection_score(soup, images, y, spec)
     log.info("soup on val: %s", table["soup"])
     choice = max(table, key=lambda k: table[k]["score"])
 

@@ -324,6 +324,22 @@ SELECTION_CORRUPTIONS = (
 )
 
 
+def selection_score(model: nn.Module, val_images, y_val, spec) -> dict:
+    """How runs and WiSE-FT weights are chosen: the mean of clean val macro-F1 and the mean
+    val macro-F1 under :data:`SELECTION_CORRUPTIONS` (the test split plays no part)."""
+    from training.robustness import robustness_report
+
+    rep = robustness_report(model, val_images, y_val, spec, names=SELECTION_CORRUPTIONS)
+    clean = rep["per_corruption"]["clean"]
+    robust = rep["mean_corrupted"]["macro_f1"]
+    return {
+        "val_accuracy": clean["accuracy"],
+        "val_macro_f1": clean["macro_f1"],
+        "val_robust_macro_f1": robust,
+        "score": (clean["macro_f1"] + robust) / 2,
+    }
+
+
 def choose_wise_alpha(
     model: nn.Module, zero_state: dict, alphas: Sequence[float], val_images, y_val, spec
 ) -> tuple[float, dict]:
@@ -332,19 +348,11 @@ def choose_wise_alpha(
     The score is the mean of clean val macro-F1 and the mean macro-F1 over a few robustness
     corruptions of the val images; the test split plays no part.
     """
-    from training.robustness import robustness_report
-
     ft_state = copy.deepcopy(model.state_dict())
     table = {}
     for a in alphas:
         model.load_state_dict(wise_blend(zero_state, ft_state, a))
-        rep = robustness_report(model, val_images, y_val, spec, names=SELECTION_CORRUPTIONS)
-        clean = rep["per_corruption"]["clean"]["macro_f1"]
-        table[str(a)] = {
-            "val_macro_f1": clean,
-            "val_robust_macro_f1": rep["mean_corrupted"]["macro_f1"],
-            "score": (clean + rep["mean_corrupted"]["macro_f1"]) / 2,
-        }
+        table[str(a)] = selection_score(model, val_images, y_val, spec)
         log.info("WiSE-FT alpha %s on val: %s", a, table[str(a)])
     model.load_state_dict(ft_state)
     best = max(alphas, key=lambda a: (table[str(a)]["score"], a))
