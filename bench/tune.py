@@ -4,10 +4,11 @@ The reference study ran 20 Optuna trials of a frozen EfficientNet-B0 with a new 
 (15 epochs each) one after another, re-running the backbone over the (augmented) images in
 every epoch. This prints:
 
-(a) that way: the mean time of the epochs run here (backbone forward with online augmentation
-    over the training images + head update, then a forward over the val images; by default
-    one whole reference trial of 15 epochs), times trials x epochs; printed as extrapolated
-    unless --ref-epochs covers all trials x epochs;
+(a) that way: Optuna trials drawn from the same space, one after another in one process,
+    each a new head trained for 15 epochs (backbone forward with online augmentation over the
+    training images + head update, then a forward over the val images); the mean epoch time
+    times trials x epochs. By default one whole trial is run and the total is printed as
+    extrapolated; --ref-epochs 300 runs all 20 trials and the total is measured;
 (b) sortline: backbone features computed once (timed and printed separately, included in
     the totals), then the 20 trials x 15 epochs on the cached features as tasks on the
     training queue, with 1 and then 2 training worker processes (PostgreSQL study, Redis),
@@ -35,9 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import REPO, Worker, drop_pg, machine, scratch_pg  # noqa: E402
 
 
-def reference_epochs(data: Path, arch: str, n_epochs: int, cache: Path) -> tuple[float, int]:
-    """(a) seconds per epoch of the reference way, and the number of training images."""
+def reference_epochs(
+    data: Path, arch: str, n_epochs: int, trial_epochs: int, cache: Path
+) -> tuple[float, int]:
+    """(a) seconds per epoch of the reference way, and the number of training images.
+
+    Runs Optuna trials in this process, one after another as the reference notebook did: each
+    draws the frozen search space (lr, weight_decay, batch_size, step_size, gamma), starts a
+    new head and runs *trial_epochs* epochs, each a backbone forward over the augmented
+    training images plus a head update, then a forward over the val images. Stops after
+    *n_epochs* epochs in all.
+    """
     import numpy as np
+    import optuna
     import torch
     from PIL import Image
     from sklearn.metrics import f1_score
@@ -47,6 +58,7 @@ def reference_epochs(data: Path, arch: str, n_epochs: int, cache: Path) -> tuple
     from training.data import load_resized, load_split
     from training.models import ARCHS, create_model, forward_features
     from training.preprocess import PreprocessSpec, preprocess
+    from training.tune import make_sampler, suggest_frozen
 
     ds = load_split(data)
     info = ARCHS[arch]
@@ -61,8 +73,6 @@ def reference_epochs(data: Path, arch: str, n_epochs: int, cache: Path) -> tuple
     model = model.to(memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    head = nn.Linear(info.feature_dim, len(ds.classes))
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     aug = build_augment("combined", spec)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -71,24 +81,46 @@ def reference_epochs(data: Path, arch: str, n_epochs: int, cache: Path) -> tuple
         with torch.no_grad():
             return forward_features(model, x.contiguous(memory_format=torch.channels_last))
 
-    t0 = time.perf_counter()
-    for epoch in range(n_epochs):
-        order = torch.randperm(len(tr), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(order), 32):
-            idx = order[i : i + 32].tolist()
-            loss = loss_fn(head(feats([x_tr[j] for j in idx], aug)), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            logits = torch.cat(
-                [
-                    head(feats(x_va[i : i + 64], lambda im: preprocess(im, spec)))
-                    for i in range(0, len(x_va), 64)
-                ]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler())
+    done = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal done
+        hp = suggest_frozen(trial)
+        head = nn.Linear(info.feature_dim, len(ds.classes))
+        opt = torch.optim.Adam(head.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, hp["step_size"], gamma=hp["gamma"])
+        bs, f1 = hp["batch_size"], 0.0
+        for epoch in range(min(trial_epochs, n_epochs - done)):
+            order = torch.randperm(len(tr), generator=torch.Generator().manual_seed(done))
+            for i in range(0, len(order), bs):
+                idx = order[i : i + bs].tolist()
+                loss = loss_fn(head(feats([x_tr[j] for j in idx], aug)), y_tr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+            with torch.no_grad():
+                logits = torch.cat(
+                    [
+                        head(feats(x_va[i : i + 64], lambda im: preprocess(im, spec)))
+                        for i in range(0, len(x_va), 64)
+                    ]
+                )
+            f1 = f1_score(y_va, logits.argmax(1).numpy(), average="macro")
+            done += 1
+            print(
+                f"  reference trial {trial.number} epoch {epoch + 1} ({done}/{n_epochs} in all): "
+                f"val macro-F1 {f1:.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
             )
-        f1 = f1_score(y_va, logits.argmax(1).numpy(), average="macro")
-        print(f"  reference epoch {epoch + 1}: val macro-F1 {f1:.3f}", flush=True)
+        return f1
+
+    t0 = time.perf_counter()
+    while done < n_epochs:
+        study.optimize(objective, n_trials=1)
+    print(f"  reference best trial: val macro-F1 {study.best_value:.4f} {study.best_params}")
     return (time.perf_counter() - t0) / n_epochs, len(tr)
 
 
@@ -158,7 +190,14 @@ def sortline_search(
         drop_pg(db)
 
 
+# glibc returns big freed blocks to the kernel and faults them in again on the next batch; on
+# this machine's VM that doubled the backbone's time per image. Kept for (a) and (b) alike.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def main() -> None:
+    if any(os.environ.get(k) != v for k, v in MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -184,13 +223,16 @@ def main() -> None:
     os.environ["SORTLINE_CACHE_DIR"] = str(scratch / "cache")
     os.environ.pop("SORTLINE_TUNE_STORAGE", None)
     print(f"machine: {machine()}")
+    print("malloc: " + ", ".join(f"{k}={v}" for k, v in MALLOC.items()) + " (both ways)")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min)")
     total_epochs = args.trials * args.epochs
     print(f"search: {args.trials} trials x {args.epochs} epochs, {args.arch} frozen, {args.data}")
 
     print(f"(a) reference way, {args.ref_epochs} epoch(s) measured ...", flush=True)
     # (a) decodes into its own cache, so that (b) decodes the images again in its own timing
-    per_epoch, n_train = reference_epochs(args.data, args.arch, args.ref_epochs, scratch / "ref")
+    per_epoch, n_train = reference_epochs(
+        args.data, args.arch, args.ref_epochs, args.epochs, scratch / "ref"
+    )
     a_total = per_epoch * total_epochs
     how = (
         "measured"
