@@ -39,7 +39,7 @@ RUN pip install -e .
 
 # The trained model, read-only for the service user; the build fails if it is missing.
 COPY models/sortline-trashnet.safetensors models/
-RUN python -c "from training.checkpoint import read_metadata, model_version; \
+RUN python -c "from training.model.checkpoint import read_metadata, model_version; \
 from training.config import DEFAULT_CHECKPOINT as p; print(p, model_version(read_metadata(p)))" \
  && mkdir -p /app/cache /app/runs /app/.sortline /data \
  && chown sortline:sortline /app/cache /app/runs /app/.sortline

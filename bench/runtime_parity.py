@@ -3,7 +3,7 @@
     python bench/runtime_parity.py [--data DIR] [--checkpoint PATH]
 
 Default data: the held-out test split of the shipped model's training run, rebuilt from
-`python -m training.data /work/shared/trashnet --manifest-dir runs/split --link test runs/split-test` (see the
+`sortline split /work/shared/trashnet --manifest-dir runs/split --link test runs/split-test` (see the
 model card).
 """
 
@@ -22,7 +22,7 @@ from bench._common import machine  # noqa: E402
 
 def main() -> None:
     from training.config import DEFAULT_CHECKPOINT
-    from training.preprocess import load_and_preprocess
+    from training.model.preprocess import load_and_preprocess
     from worker.runtime import Classifier
 
     ap = argparse.ArgumentParser(

@@ -31,7 +31,7 @@ def reference_loop(files: list[Path], checkpoint: Path) -> float:
     from PIL import Image
     from torchvision import transforms
 
-    from training.checkpoint import load_checkpoint, preprocess_spec
+    from training.model.checkpoint import load_checkpoint, preprocess_spec
 
     model, meta = load_checkpoint(checkpoint)
     spec = preprocess_spec(meta)
@@ -50,7 +50,7 @@ def reference_loop(files: list[Path], checkpoint: Path) -> float:
 
 def batched_runtime(files: list[Path], checkpoint: Path, batch: int = 32) -> float:
     """(b) img/s of sortline's runtime in process: decode in a thread pool, batched ONNX Runtime."""
-    from training.preprocess import load_and_preprocess
+    from training.model.preprocess import load_and_preprocess
     from worker.runtime import Classifier
 
     clf = Classifier(checkpoint)

@@ -54,11 +54,11 @@ def reference_epochs(
     from sklearn.metrics import f1_score
     from torch import nn
 
-    from training.augment import build_augment
-    from training.data import load_resized, load_split
-    from training.models import ARCHS, create_model, forward_features
-    from training.preprocess import PreprocessSpec, preprocess
-    from training.tune import make_sampler, suggest_frozen
+    from training.data.augment import build_augment
+    from training.data.dataset import load_resized, load_split
+    from training.model.factory import ARCHS, create_model, forward_features
+    from training.model.preprocess import PreprocessSpec, preprocess
+    from training.tune.study import make_sampler, suggest_frozen
 
     ds = load_split(data)
     info = ARCHS[arch]
@@ -126,8 +126,8 @@ def reference_epochs(
 
 def reproduce_best(name: str, out: Path) -> tuple[float, float, float]:
     """`sortline train --from-study`: (best trial's value, the new run's val macro-F1, seconds)."""
-    from training.train import train
-    from training.tune import run_config_from_study
+    from training.fit.train import train
+    from training.tune.study import run_config_from_study
 
     cfg = run_config_from_study(name, out=str(out), register=False, robustness=False)
     t0 = time.perf_counter()
@@ -139,7 +139,7 @@ def sortline_search(
     data: Path, arch: str, trials: int, epochs: int, workers: int, log: Path, reproduce: bool
 ):
     """(b) seconds to prepare the study (features) and to run the trials on *workers*."""
-    from training.tune import StudyConfig, create_or_resume, load_study, state_counts
+    from training.tune.study import StudyConfig, create_or_resume, load_study, state_counts
     from worker.tasks.training import enqueue_trials
 
     db = scratch_pg()

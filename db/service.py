@@ -10,10 +10,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Job, ModelRecord, Result, utcnow
+from sortline.errors import NotFound
 
-
-class NotFound(LookupError):
-    """A job or model that the caller named does not exist."""
+__all__ = ["NotFound"]  # raised by the look-ups below; re-exported for callers
 
 
 # ---------------------------------------------------------------- jobs

@@ -14,8 +14,8 @@ import numpy as np
 
 from db.engine import session_scope
 from db.service import get_job, label_counts, list_results
-from training import viz
-from training.metrics import classification_metrics
+from training.reports import charts as viz
+from training.reports.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
 
 
 def _thumb(ref: str, size: int = 200):
-    from training.imaging import ImageError, decode_image
+    from training.model.imaging import ImageError, decode_image
 
     try:
         with open(ref, "rb") as f:

@@ -20,13 +20,14 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.models import Result
 from db.service import get_job, review_results, set_corrected_labels
+from sortline.errors import SortlineError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "review.json"
 
 
-class ReviewError(ValueError):
+class ReviewError(SortlineError, ValueError):
     """An export or import that cannot be done; the message says what to do."""
 
 

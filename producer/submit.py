@@ -15,6 +15,7 @@ from db.engine import session_scope
 from db.migrate import ensure_schema
 from db.service import create_job, get_job
 from producer.config import IMAGE_EXTENSIONS, get_producer_settings
+from sortline.errors import SortlineError
 from worker.inputs import build_message, display_ref
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 TASK = "worker.tasks.inference.classify_batch"
 
 
-class NothingToDo(ValueError):
+class NothingToDo(SortlineError, ValueError):
     """The paths named no image."""
 
 

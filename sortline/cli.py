@@ -1,7 +1,8 @@
-"""The ``sortline`` console script: a thin root that loads each package's commands lazily."""
+"""The ``sortline`` console script: a thin root that loads each command's module lazily."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -9,63 +10,85 @@ import sys
 
 import click
 
-# command name -> "module:attribute"; modules are imported only when their command runs,
-# so `sortline --help` and the producer commands never import torch.
-COMMANDS: dict[str, str] = {
-    "db": "db.cli:db",
-    "submit": "producer.cli:submit",
-    "stream": "producer.cli:stream",
-    "status": "producer.cli:status",
-    "results": "producer.cli:results",
-    "jobs": "producer.cli:jobs",
-    "worker": "worker.cli:worker",
-    "flower": "worker.cli:flower",
-    "up": "worker.cli:up",
-    "down": "worker.cli:down",
-    "health": "worker.cli:health",
-    "train": "training.cli:train",
-    "evaluate": "training.cli:evaluate",
-    "predict": "training.cli:predict",
-    "tune": "worker.tune_cli:tune",
-    "eda": "training.eda_cli:eda",
-    "report": "producer.report_cli:report",
-    "review": "producer.review_cli:review",
-}
+from sortline.errors import SortlineError
 
-
-class UserError(click.ClickException):
-    """An error the user can fix; printed as one line, never a traceback."""
+# command name -> ("sortline.commands.<module>:<attribute>", short help). The short help is
+# known here so that `sortline --help` lists every command without importing any of them
+# (several import torch); tests/unit/test_cli_docs.py checks it matches each command's own.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "db": ("db:db", "Manage the database schema (SORTLINE_DATABASE_URL)."),
+    "submit": ("jobs:submit", "Classify image files, folders or globs (PATHS) as one job; print its id."),
+    "stream": ("jobs:stream", "Submit images as they arrive: paths on stdin (one per line), or new files in --watch DIR."),
+    "status": ("jobs:status", "Show a job's progress and its labels so far (JOB: id, prefix or 'latest')."),
+    "results": ("jobs:results", "Print a job's per-image results (JOB: id, prefix or 'latest')."),
+    "jobs": ("jobs:jobs", "List the newest jobs."),
+    "worker": ("worker:worker", "Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`)."),
+    "flower": ("worker:flower", "Run Flower against sortline's Celery app (basic auth from SORTLINE_FLOWER_USER/PASSWORD)."),
+    "up": ("worker:up", "Start the local stack: Redis (if none answers), one CPU worker and Flower."),
+    "down": ("worker:down", "Stop what `sortline up` started."),
+    "health": ("worker:health", "Check the broker, database, model and workers; exit 1 naming what is down."),
+    "train": ("train:train", "Train a classifier on an ImageFolder and write a run folder with its checkpoint."),
+    "evaluate": ("train:evaluate", "Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."),
+    "predict": ("train:predict", "Classify image files: label and calibrated confidence for each."),
+    "split": ("train:split", "Write a dataset's split manifest, or link one split's images into a folder."),
+    "probe": ("train:probe", "Frozen-feature probe of an offline backbone's variants and normalisations on val."),
+    "soup": ("train:soup", "Average like fine-tuned runs into one model; score members and soup on val."),
+    "ship": ("train:ship", "Write a run's float16 checkpoint as the shipped model, re-scored on val and test."),
+    "tune": ("tune:tune", "Hyper-parameter search: Optuna trials as tasks on the training queue."),
+    "eda": ("eda:eda", "Analyse an ImageFolder dataset: class counts, sizes, foreground box, light, duplicates."),
+    "report": ("report:report", "Write an HTML report of a finished job (JOB: id, prefix or 'latest'), or of runs."),
+    "review": ("review:review", "Review doubtful results: export them into class folders, move misfiled ones, import."),
+}  # fmt: skip
 
 
 class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(n for n in COMMANDS if self._available(n))
+    """A group whose commands are imported only when one runs (or its own help is asked for)."""
 
-    @staticmethod
-    def _available(name: str) -> bool:
-        module = COMMANDS[name].split(":")[0]
-        return importlib.util.find_spec(module) is not None
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS or not self._available(name):
+        if name not in COMMANDS:
             return None
-        module, attr = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+        module, attr = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(f"sortline.commands.{module}"), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS:
+            near = difflib.get_close_matches(name, COMMANDS, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            ctx.fail(f"No such command '{name}'.{hint} `sortline --help` lists the commands.")
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context):
-        from db.service import NotFound
-        from training.checkpoint import CheckpointError
-        from training.imaging import ImageError
-
         try:
             return super().invoke(ctx)
         except BrokenPipeError:  # e.g. `sortline results JOB | head`
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
             ctx.exit(0)
-        except (NotFound, CheckpointError, ImageError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
+        except SortlineError as e:
+            fail(str(e), e.exit_code)
+        except FileNotFoundError as e:
+            fail(str(e), 1)
         except ConnectionError as e:
-            raise UserError(f"cannot connect: {e}") from None
+            fail(f"cannot connect: {e}", 1)
+        except Exception as e:
+            if type(e).__module__.split(".")[0] in ("kombu", "redis", "amqp"):
+                fail(f"cannot reach the broker ({e}); is Redis running? `sortline up` starts one")
+            raise
+
+
+def fail(message: str, exit_code: int = 1) -> None:
+    """Print one error line on stderr and exit: the one place errors leave the CLI."""
+    exc = click.ClickException(message)
+    exc.exit_code = exit_code
+    raise exc from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,8 +12,8 @@ import numpy as np
 from db.engine import session_scope
 from db.models import Job
 from db.service import existing_positions, record_results
-from training.imaging import ImageError
-from training.preprocess import load_and_preprocess
+from training.model.imaging import ImageError
+from training.model.preprocess import load_and_preprocess
 from worker.config import get_worker_settings
 from worker.inputs import (
     InputError,

@@ -83,8 +83,8 @@ def check_model(*, registry: bool = True) -> Check:
 
     With *registry* false (the database is down) only the settings choose the file.
     """
-    from training.checkpoint import CheckpointError, file_sha256, model_version, read_metadata
     from training.config import DEFAULT_CHECKPOINT
+    from training.model.checkpoint import CheckpointError, file_sha256, model_version, read_metadata
     from worker.config import get_worker_settings
     from worker.runtime import ModelChoice, choose_model
 

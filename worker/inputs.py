@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sortline.errors import SortlineError
+
 SCHEMA_VERSION = 1
 MAX_ITEMS = 10_000  # images in one task message at most
 MAX_POSITION = 2**31 - 1  # positions are 32-bit integers in the database
 
 
-class MessageError(ValueError):
+class MessageError(SortlineError, ValueError):
     """A task message that cannot be processed at all (wrong schema, missing fields)."""
 
 
-class InputError(ValueError):
+class InputError(SortlineError, ValueError):
     """One image reference that cannot be read; the message names the problem."""
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.checkpoint import CheckpointError, file_sha256, model_version, read_metadata
-from training.preprocess import PreprocessSpec
+from sortline.errors import ConfigError
+from training.model.checkpoint import CheckpointError, file_sha256, model_version, read_metadata
+from training.model.preprocess import PreprocessSpec
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class TorchBackend:
     def __init__(self, path: Path, expected_sha256: str | None, device: str):
         import torch
 
-        from training.checkpoint import load_checkpoint
+        from training.model.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(path, expected_sha256=expected_sha256)
         self.device = torch.device(resolve_device(device))
@@ -154,7 +155,7 @@ def _export_in_subprocess(path: Path, cache: Path) -> Path:
     Keeping torch out of an ONNX Runtime worker saves about a gigabyte of resident memory.
     """
     code = (
-        "import sys; from training.export import cached_onnx; "
+        "import sys; from training.model.export import cached_onnx; "
         "print(cached_onnx(sys.argv[1], sys.argv[2]))"
     )
     out = subprocess.run(
@@ -192,7 +193,7 @@ class Classifier:
         self.temperature = float(meta.get("temperature", 1.0))
         self.version = model_version(meta)
         if runtime not in ("auto", "onnx", "torch"):
-            raise ValueError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
+            raise ConfigError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
         device = resolve_device(device)
         if runtime == "auto":
             runtime = "torch" if device == "cuda" else "onnx"
@@ -215,7 +216,7 @@ def resolve_device(device: str) -> str:
     worker's child process, on first use: CUDA is never initialised in the parent.
     """
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"SORTLINE_DEVICE must be auto, cpu or cuda, not {device!r}")
+        raise ConfigError(f"SORTLINE_DEVICE must be auto, cpu or cuda, not {device!r}")
     if device == "cpu" or (device == "auto" and not os.path.exists("/proc/driver/nvidia/version")):
         return "cpu"
     import torch

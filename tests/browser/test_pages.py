@@ -15,8 +15,8 @@ from db.service import create_job, record_results
 from producer.report import job_report
 from tests.support.fixtures import CLASSES, jpeg_bytes
 from tests.unit.test_report_run import make_run
-from training.eda import run_eda
-from training.report import compare_runs, run_report
+from training.reports.eda import run_eda
+from training.reports.run import compare_runs, run_report
 
 TRASHNET = Path(__file__).resolve().parents[3] / "shared" / "trashnet"
 

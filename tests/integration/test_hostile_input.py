@@ -238,7 +238,7 @@ def test_tampered_model_is_refused_by_the_worker(make_worker, tiny_model, db_url
     import shutil
 
     from db.service import register_model
-    from training.checkpoint import file_sha256, read_metadata
+    from training.model.checkpoint import file_sha256, read_metadata
 
     path = tmp_path / "registered.safetensors"
     shutil.copy(tiny_model, path)

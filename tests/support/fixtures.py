@@ -15,9 +15,9 @@ def tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
     """Write a seeded 'tiny' model checkpoint with the six TrashNet classes."""
     import torch
 
-    from training.checkpoint import save_checkpoint
-    from training.models import create_model
-    from training.preprocess import PreprocessSpec
+    from training.model.checkpoint import save_checkpoint
+    from training.model.factory import create_model
+    from training.model.preprocess import PreprocessSpec
 
     torch.manual_seed(seed)
     model = create_model("tiny", num_classes=len(CLASSES))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from sortline.cli import cli
-from training.eda import run_eda
+from training.reports.eda import run_eda
 
 TRASHNET = Path(__file__).resolve().parents[3] / "shared" / "trashnet"
 

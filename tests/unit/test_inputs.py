@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 
 from tests.support import hostile
 from tests.support.fixtures import jpeg_bytes
-from training.imaging import ImageError, decode_image
+from training.model.imaging import ImageError, decode_image
 from worker.inputs import (
     MAX_ITEMS,
     MAX_POSITION,

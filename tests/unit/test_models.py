@@ -9,7 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from tests.support.fixtures import write_images
-from training.models import ARCHS, WeightsUnavailable, _offline_state, create_model, offline_package
+from training.model.factory import (
+    ARCHS,
+    WeightsUnavailable,
+    _offline_state,
+    create_model,
+    offline_package,
+)
 
 OFFLINE = [n for n, a in ARCHS.items() if a.offline]
 
@@ -68,7 +74,7 @@ def test_train_cli_reports_missing_weights_without_a_traceback(monkeypatch, tmp_
     def unavailable(name, **kw):
         raise WeightsUnavailable(f"could not download ImageNet weights for {name!r}")
 
-    monkeypatch.setattr("training.train.create_model", unavailable)
+    monkeypatch.setattr("training.fit.train.create_model", unavailable)
     data = tmp_path / "data"
     for c in ("a", "b"):
         write_images(data / c, 6, prefix=c)

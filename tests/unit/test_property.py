@@ -15,8 +15,8 @@ from sqlalchemy import select
 
 from tests.support.fixtures import jpeg_bytes
 from tests.support.strategies import image_bytes, messages, task_messages
-from training.imaging import ImageError, decode_image
-from training.preprocess import PreprocessSpec, load_and_preprocess
+from training.model.imaging import ImageError, decode_image
+from training.model.preprocess import PreprocessSpec, load_and_preprocess
 from worker.inputs import (
     MAX_POSITION,
     InputError,

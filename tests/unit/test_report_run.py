@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from sortline.cli import cli
 from tests.support.fixtures import CLASSES
-from training.report import RunError, run_report
+from training.reports.run import RunError, run_report
 
 
 def _split(acc: float, n: int = 60) -> dict:
@@ -88,7 +88,7 @@ def test_compare_runs_table_and_confusion_matrices_side_by_side(tmp_path):
 
 
 def test_report_and_review_modules_do_not_import_torch():
-    code = ("import sys, producer.report, producer.review, producer.report_cli, "
-            "producer.review_cli, training.report, training.eda, training.viz; "
+    code = ("import sys, producer.report, producer.review, sortline.commands.report, "
+            "sortline.commands.review, training.reports.run, training.reports.eda, training.reports.charts; "
             "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

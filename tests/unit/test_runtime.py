@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from tests.support.fixtures import jpeg_bytes
-from training.preprocess import load_and_preprocess
+from training.model.preprocess import load_and_preprocess
 from worker.runtime import Classifier, MicroBatcher
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model):
-    from training.checkpoint import preprocess_spec, read_metadata
+    from training.model.checkpoint import preprocess_spec, read_metadata
 
     spec = preprocess_spec(read_metadata(tiny_model))
     return np.stack([load_and_preprocess(jpeg_bytes(i), spec) for i in range(24)])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from db.config import SortlineSettings, mask_url
-from training.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_metadata
+from training.model.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = {"broker": "brokerPW-31aa", "db": "dbPW-77c2", "flower": "flowerPW-9b1e"}
@@ -107,7 +107,7 @@ def test_cli_errors_do_not_carry_the_database_password(monkeypatch):
     """A failed `sortline db upgrade` (nothing listens on port 1) shows no password."""
     from click.testing import CliRunner
 
-    from db.cli import db
+    from sortline.commands.db import db
 
     monkeypatch.setenv("SORTLINE_DATABASE_URL", f"postgresql://u:{SECRETS['db']}@127.0.0.1:1/x")
     out = CliRunner().invoke(db, ["upgrade"])

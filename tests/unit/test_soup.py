@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tests.unit.test_training import make_imagefolder
-from training.soup import SoupError, average_states, make_soup
+from training.fit.soup import SoupError, average_states, make_soup
 
 
 def _run(data, out, seed):
-    from training.train import FrozenParams, RunConfig, train
+    from training.fit.train import FrozenParams, RunConfig, train
 
     cfg = RunConfig(
         data=str(data), out=str(out), arch="tiny", pretrained="none", mode="frozen",
@@ -33,8 +33,8 @@ def test_average_states_means_floats_and_keeps_counters():
 
 
 def test_soup_of_two_runs_is_scored_on_val_and_ships(tmp_path, monkeypatch):
-    from training.checkpoint import load_checkpoint, read_metadata
-    from training.ship import ship
+    from training.fit.ship import ship
+    from training.model.checkpoint import load_checkpoint, read_metadata
 
     data = make_imagefolder(tmp_path / "data", per_class=8)
     runs = [_run(data, tmp_path / f"run{s}", s) for s in (0, 1)]

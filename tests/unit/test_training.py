@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from training.augment import PRESETS, build_augment, object_mask, replace_background
-from training.data import SPLITS, load_split, manifest_sha256, read_manifest, write_manifest
-from training.preprocess import PreprocessSpec, load_and_preprocess, preprocess
+from training.data.augment import PRESETS, build_augment, object_mask, replace_background
+from training.data.dataset import SPLITS, load_split, manifest_sha256, read_manifest, write_manifest
+from training.model.preprocess import PreprocessSpec, load_and_preprocess, preprocess
 
 CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
 COLOURS = [
@@ -61,7 +61,7 @@ def imagefolder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def frozen_run(imagefolder, tmp_path_factory) -> dict:
-    from training.train import FrozenParams, RunConfig, train
+    from training.fit.train import FrozenParams, RunConfig, train
 
     out = tmp_path_factory.mktemp("run")
     epochs: list[dict] = []
@@ -122,7 +122,7 @@ def test_manifest_files_and_reload(imagefolder, tmp_path):
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
-    from training.data import DatasetError, scan_imagefolder
+    from training.data.dataset import DatasetError, scan_imagefolder
 
     with pytest.raises(DatasetError, match="not found"):
         scan_imagefolder(tmp_path / "nope")
@@ -189,7 +189,7 @@ def test_frozen_run_writes_its_folder(frozen_run):
 
 
 def test_checkpoint_round_trip(frozen_run):
-    from training.checkpoint import file_sha256, load_checkpoint, read_metadata
+    from training.model.checkpoint import file_sha256, load_checkpoint, read_metadata
 
     ckpt = frozen_run["out"] / "model.safetensors"
     meta = read_metadata(ckpt)
@@ -207,10 +207,10 @@ def test_checkpoint_round_trip(frozen_run):
 
 def test_stored_eval_transform_is_preprocess(frozen_run, imagefolder):
     """The checkpoint's spec, applied by the worker's path (bytes), gives training's logits."""
-    from training.checkpoint import load_checkpoint, preprocess_spec
-    from training.data import load_resized
-    from training.evaluate import predict_logits
-    from training.models import ARCHS
+    from training.data.dataset import load_resized
+    from training.fit.evaluate import predict_logits
+    from training.model.checkpoint import load_checkpoint, preprocess_spec
+    from training.model.factory import ARCHS
 
     model, meta = load_checkpoint(frozen_run["out"] / "model.safetensors")
     spec = preprocess_spec(meta)
@@ -235,7 +235,7 @@ def test_stored_eval_transform_is_preprocess(frozen_run, imagefolder):
 
 
 def test_frozen_head_learns_separable_features():
-    from training.train import Features, FrozenParams, train_frozen
+    from training.fit.train import Features, FrozenParams, train_frozen
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 8)) * 4
@@ -248,7 +248,7 @@ def test_frozen_head_learns_separable_features():
 
 
 def test_finetune_run_with_wise_selection(imagefolder, tmp_path):
-    from training.train import FinetuneParams, FrozenParams, RunConfig, train
+    from training.fit.train import FinetuneParams, FrozenParams, RunConfig, train
 
     cfg = RunConfig(
         data=str(imagefolder),
@@ -279,7 +279,7 @@ def test_finetune_run_with_wise_selection(imagefolder, tmp_path):
 
 
 def test_temperature_scaling_lowers_nll_of_overconfident_logits():
-    from training.evaluate import calibration
+    from training.fit.evaluate import calibration
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 400)
@@ -294,8 +294,8 @@ def test_temperature_scaling_lowers_nll_of_overconfident_logits():
 def test_onnx_export_matches_pytorch(frozen_run, tmp_path):
     import onnxruntime as ort
 
-    from training.checkpoint import load_checkpoint
-    from training.export import cached_onnx, export_onnx
+    from training.model.checkpoint import load_checkpoint
+    from training.model.export import cached_onnx, export_onnx
 
     ckpt = frozen_run["out"] / "model.safetensors"
     info = export_onnx(ckpt, tmp_path / "m.onnx")
@@ -312,7 +312,7 @@ def test_onnx_export_matches_pytorch(frozen_run, tmp_path):
 
 
 def test_half_checkpoint_loads_as_float32(frozen_run, tmp_path):
-    from training.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+    from training.model.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
     model, meta = load_checkpoint(frozen_run["out"] / "model.safetensors")
     save_checkpoint(tmp_path / "h.safetensors", model, meta, half=True)
@@ -322,8 +322,8 @@ def test_half_checkpoint_loads_as_float32(frozen_run, tmp_path):
 
 
 def test_robustness_report_is_deterministic():
-    from training.models import create_model
-    from training.robustness import CORRUPTIONS, corrupt, robustness_report
+    from training.fit.robustness import CORRUPTIONS, corrupt, robustness_report
+    from training.model.factory import create_model
 
     rng = np.random.default_rng(0)
     imgs = [np.asarray(_photo(rng, COLOURS[i % 6]).resize((96, 128))) for i in range(6)]
@@ -339,8 +339,8 @@ def test_robustness_report_is_deterministic():
 def test_register_records_the_checkpoint(frozen_run, tmp_path, monkeypatch):
     from db.engine import session_scope
     from db.service import active_model
-    from training.checkpoint import file_sha256
-    from training.train import register
+    from training.fit.train import register
+    from training.model.checkpoint import file_sha256
 
     url = f"sqlite:///{tmp_path / 'reg.db'}"
     monkeypatch.setenv("SORTLINE_DATABASE_URL", url)

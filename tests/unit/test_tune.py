@@ -14,7 +14,7 @@ from tests.unit.test_training import make_imagefolder
 
 @pytest.fixture(autouse=True)
 def _fresh_settings():
-    from training.tune import get_tune_settings
+    from training.tune.study import get_tune_settings
 
     get_tune_settings.cache_clear()
     yield
@@ -36,7 +36,7 @@ def env(sqlite_url, tmp_path, monkeypatch):
 
 
 def test_storage_is_the_database_unless_set(monkeypatch):
-    from training.tune import get_tune_settings, storage_url
+    from training.tune.study import get_tune_settings, storage_url
 
     monkeypatch.setenv("SORTLINE_DATABASE_URL", "postgresql://u:pw@db/sortline")
     monkeypatch.delenv("SORTLINE_TUNE_STORAGE", raising=False)
@@ -50,7 +50,7 @@ def test_storage_is_the_database_unless_set(monkeypatch):
 
 @pytest.mark.parametrize("parallel", [0, 2])
 def test_sqlite_refused_for_parallel_trials(parallel):
-    from training.tune import TuneError, check_parallel
+    from training.tune.study import TuneError, check_parallel
 
     with pytest.raises(TuneError) as e:
         check_parallel("sqlite:///x.db", parallel)
@@ -72,7 +72,7 @@ def test_cli_refuses_sqlite_for_parallel_trials(env, data):
 def test_pruners():
     import optuna
 
-    from training.tune import TuneError, make_pruner
+    from training.tune.study import TuneError, make_pruner
 
     assert isinstance(make_pruner("median", 15), optuna.pruners.MedianPruner)
     assert isinstance(make_pruner("percentile", 15), optuna.pruners.PercentilePruner)
@@ -85,7 +85,7 @@ def test_pruners():
 def test_search_spaces_have_stable_names():
     import optuna
 
-    from training.tune import StudyConfig, frozen_params, suggest_finetune, suggest_frozen
+    from training.tune.study import StudyConfig, frozen_params, suggest_finetune, suggest_frozen
 
     fixed = {"lr": 0.01, "weight_decay": 1e-4, "batch_size": 64, "step_size": 5, "gamma": 0.5}
     assert suggest_frozen(optuna.trial.FixedTrial(fixed)) == fixed
@@ -100,7 +100,7 @@ def test_search_spaces_have_stable_names():
 
 def test_trials_fill_the_requested_slots_and_no_more(env, data, tmp_path):
     """One call runs at most one trial; once N trials finished, calls do nothing."""
-    from training.tune import (
+    from training.tune.study import (
         StudyConfig,
         TuneError,
         create_or_resume,
@@ -136,7 +136,7 @@ def test_a_killed_trial_is_failed_and_retried_once(env, data, monkeypatch):
     """A RUNNING trial whose heartbeat stopped becomes FAIL and its retry takes its slot."""
     import time
 
-    from training.tune import (
+    from training.tune.study import (
         StudyConfig,
         create_or_resume,
         get_tune_settings,
@@ -170,7 +170,7 @@ def test_a_killed_trial_is_failed_and_retried_once(env, data, monkeypatch):
 
 
 def test_parallel_limit_makes_the_task_wait(env, data):
-    from training.tune import StudyConfig, create_or_resume, run_one_trial
+    from training.tune.study import StudyConfig, create_or_resume, run_one_trial
 
     conf = StudyConfig(data=str(data), arch="tiny", trials=3, epochs=2, pretrained="none")
     study = create_or_resume("limit", conf)
@@ -180,7 +180,7 @@ def test_parallel_limit_makes_the_task_wait(env, data):
 
 
 def test_finetune_trial(env, data):
-    from training.tune import StudyConfig, create_or_resume, load_study, run_one_trial
+    from training.tune.study import StudyConfig, create_or_resume, load_study, run_one_trial
 
     conf = StudyConfig(
         data=str(data), arch="tiny", mode="finetune", trials=1, epochs=3, pretrained="none"
@@ -196,8 +196,8 @@ def test_finetune_trial(env, data):
 
 
 def test_train_from_study_uses_the_best_trial_and_records_it(env, data, tmp_path):
-    from training.checkpoint import read_metadata
-    from training.tune import StudyConfig, create_or_resume, load_study, run_one_trial
+    from training.model.checkpoint import read_metadata
+    from training.tune.study import StudyConfig, create_or_resume, load_study, run_one_trial
 
     conf = StudyConfig(data=str(data), arch="tiny", trials=2, epochs=3, pretrained="none")
     create_or_resume("final", conf)
@@ -227,7 +227,7 @@ def test_train_from_study_uses_the_best_trial_and_records_it(env, data, tmp_path
 def test_status_command(env, data, tmp_path):
     import json
 
-    from training.tune import StudyConfig, create_or_resume, run_one_trial
+    from training.tune.study import StudyConfig, create_or_resume, run_one_trial
 
     create_or_resume(
         "st", StudyConfig(data=str(data), arch="tiny", trials=2, epochs=2, pretrained="none")

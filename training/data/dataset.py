@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.imaging import ImageError, decode_image
+from sortline.errors import SortlineError
+from training.model.imaging import ImageError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ SPLITS = ("train", "val", "test")
 PHASH_MAX_DISTANCE = 4
 
 
-class DatasetError(ValueError):
+class DatasetError(SortlineError, ValueError):
     """A data directory that cannot be used; the message says why."""
 
 
@@ -263,7 +264,7 @@ def load_resized(
     dataset: Dataset, samples: list[Sample], *, short_side: int = 256, cache_dir: Path | None = None
 ) -> list[np.ndarray]:
     """Decode and resize (shorter side) each sample once; uint8 HWC arrays, cached on disk."""
-    from training.preprocess import _RESAMPLE
+    from training.model.preprocess import _RESAMPLE
 
     out: list[np.ndarray] = []
     cdir = None
@@ -299,22 +300,3 @@ def link_split(dataset: Dataset, split: str, out: str | Path) -> Path:
         if not dst.exists():
             dst.symlink_to((dataset.root / s.file).resolve())
     return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Write the split manifest, or link one split's files.")
-    ap.add_argument("data", help="ImageFolder directory")
-    ap.add_argument("--seed", type=int, default=0, help="split seed")
-    ap.add_argument("--manifest-dir", help="write manifest.csv/json here")
-    ap.add_argument(
-        "--link", nargs=2, metavar=("SPLIT", "OUT"), help="link SPLIT's images into OUT"
-    )
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    ds = load_split(a.data, seed=a.seed)
-    if a.manifest_dir:
-        print(write_manifest(ds, a.manifest_dir))
-    if a.link:
-        print(link_split(ds, a.link[0], a.link[1]))

@@ -7,25 +7,8 @@ from pathlib import Path
 
 import click
 
-from training.cli import arch_option, mode_option
-from training.tune import PRUNERS
-
-
-def _errors():
-    from contextlib import contextmanager
-
-    from training.data import DatasetError
-    from training.models import WeightsUnavailable
-    from training.tune import TuneError
-
-    @contextmanager
-    def wrap():
-        try:
-            yield
-        except (TuneError, DatasetError, WeightsUnavailable) as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrap()
+from sortline.commands.options import arch_option, mode_option
+from training.tune.study import PRUNERS
 
 
 @click.group(invoke_without_command=True)
@@ -91,7 +74,7 @@ def tune(
         return
     if not name or not data:
         raise click.UsageError("--study and --data are required (or `sortline tune status NAME`)")
-    from training.tune import (
+    from training.tune.study import (
         StudyConfig,
         create_or_resume,
         is_sqlite,
@@ -109,8 +92,7 @@ def tune(
     )  # fmt: skip
     click.echo(f"study {name}: preparing features of {data} ({arch}) ...")
     t0 = time.perf_counter()
-    with _errors():
-        study = create_or_resume(name, conf, url=url)
+    study = create_or_resume(name, conf, url=url)
     c = state_counts(study)
     missing = max(0, trials - c["finished"] - c["RUNNING"] - c["WAITING"] - c["errors"])
     enqueue_trials(
@@ -126,7 +108,7 @@ def tune(
 
 def _follow(name: str, trials: int, plots: Path | None) -> None:
     from training.config import get_training_settings
-    from training.tune import (
+    from training.tune.study import (
         best_trial,
         load_study,
         save_plots,
@@ -174,7 +156,7 @@ def status(name, plots, as_json) -> None:
     """A study's trials (number, state, value, params, duration, worker) and the best one."""
     import json
 
-    from training.tune import (
+    from training.tune.study import (
         best_trial,
         load_study,
         save_plots,
@@ -183,8 +165,7 @@ def status(name, plots, as_json) -> None:
         trial_rows,
     )
 
-    with _errors():
-        study = load_study(name, pruner=False)
+    study = load_study(name, pruner=False)
     if as_json:
         b = best_trial(study)
         best = None if b is None else {"number": b.number, "value": b.value, "params": b.params}

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sortline.errors import SortlineError
+
 log = logging.getLogger(__name__)
 
 
-class ExportError(RuntimeError):
+class ExportError(SortlineError, RuntimeError):
     """The exported model disagrees with PyTorch beyond the tolerance."""
 
 
@@ -25,7 +27,7 @@ def export_onnx(
     """
     import onnxruntime as ort
 
-    from training.checkpoint import load_checkpoint, preprocess_spec
+    from training.model.checkpoint import load_checkpoint, preprocess_spec
 
     model, meta = load_checkpoint(checkpoint)
     model.eval()
@@ -62,8 +64,8 @@ def export_onnx(
 
 def cached_onnx(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The ONNX export of *checkpoint*, made on first use and kept in a cache keyed by its sha256."""
-    from training.checkpoint import file_sha256
     from training.config import get_training_settings
+    from training.model.checkpoint import file_sha256
 
     cache = Path(cache_dir) if cache_dir else get_training_settings().cache_dir / "onnx"
     path = cache / f"{Path(checkpoint).stem}-{file_sha256(checkpoint)[:16]}.onnx"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from training.augment import (
+from training.data.augment import (
     HELDOUT_TEXTURES,
     jpeg,
     object_mask,
@@ -25,7 +25,7 @@ from training.augment import (
     replace_background,
     zoom_out,
 )
-from training.preprocess import PreprocessSpec
+from training.model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def robustness_report(
     seed: int = 0,
 ) -> dict:
     """Accuracy and macro-F1 of *model* per corruption, and their mean over the corruptions."""
-    from training.evaluate import classification_metrics, predict_logits
+    from training.fit.evaluate import classification_metrics, predict_logits
 
     y = np.asarray(y)
     nc = int(max(y.max() + 1, 2))

@@ -12,7 +12,7 @@ import click
 
 from db.engine import session_scope
 from db.service import get_job, label_counts, list_jobs, list_results
-from producer.submit import NothingToDo, submit_bytes, submit_paths, wait_for_job
+from producer.submit import submit_bytes, submit_paths, wait_for_job
 
 RESULT_FIELDS = (
     "position", "ref", "status", "label", "confidence", "error", "needs_review",
@@ -77,32 +77,21 @@ def _print_summary(job_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json) -> None:
     """Classify image files, folders or globs (PATHS) as one job; print its id."""
-    try:
-        if as_bytes:
-            blobs = []
-            for p in paths:
-                if p == "-":
-                    blobs.append(("stdin", sys.stdin.buffer.read()))
-                else:
-                    from producer.submit import expand_paths
+    if as_bytes:
+        blobs = []
+        for p in paths:
+            if p == "-":
+                blobs.append(("stdin", sys.stdin.buffer.read()))
+            else:
+                from producer.submit import expand_paths
 
-                    for f in expand_paths([p], recursive=recursive, pattern=pattern):
-                        blobs.append((f, Path(f).read_bytes()))
-            job_id = submit_bytes(
-                blobs, queue=queue, batch_size=batch_size, source=", ".join(paths)
-            )
-        else:
-            job_id = submit_paths(
-                paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size
-            )
-    except NothingToDo as e:
-        raise click.ClickException(str(e)) from None
-    except Exception as e:
-        if type(e).__module__.startswith(("kombu", "redis", "amqp")):
-            raise click.ClickException(
-                f"cannot reach the broker ({e}); is Redis running? `sortline up` starts one"
-            ) from None
-        raise
+                for f in expand_paths([p], recursive=recursive, pattern=pattern):
+                    blobs.append((f, Path(f).read_bytes()))
+        job_id = submit_bytes(blobs, queue=queue, batch_size=batch_size, source=", ".join(paths))
+    else:
+        job_id = submit_paths(
+            paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size
+        )
     if wait:
         _wait_with_progress(job_id, quiet=as_json)
         _print_summary(job_id, as_json)

@@ -2,12 +2,11 @@
 
 The float16 copy is scored again on the run's own val and test splits (rebuilt from its
 manifest), so the figures stored with the shipped file are the shipped file's. The temperature
-is refitted on val. Run: ``python -m training.ship runs/RUN --version 1.0.0``.
+is refitted on val. Run: ``sortline ship runs/RUN --version 1.0.0``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training import evaluate as ev
-from training.checkpoint import file_sha256, load_checkpoint, preprocess_spec, save_checkpoint
 from training.config import DEFAULT_CHECKPOINT
-from training.data import load_resized, read_manifest
+from training.data.dataset import load_resized, read_manifest
+from training.fit import evaluate as ev
+from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def ship(
     for sp in ("val", "test"):
         metrics[sp].pop("confusion", None)
     if robustness:
-        from training.robustness import robustness_report
+        from training.fit.robustness import robustness_report
 
         metrics["test_robustness"] = robustness_report(
             model, data["test"][0], data["test"][1], spec
@@ -84,22 +83,3 @@ def ship(
     sha = file_sha256(out)
     log.info("shipped %s (%s) -> %s", run_dir, sha[:12], out)
     return {"path": str(out), "sha256": sha, "bytes": out.stat().st_size, "metrics": metrics}
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
-    ap.add_argument("--version", required=True)
-    ap.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
-    ap.add_argument("--cache-dir", default="cache")
-    ap.add_argument("--no-robustness", action="store_true")
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    res = ship(
-        a.run_dir,
-        version=a.version,
-        out=a.out,
-        cache_dir=a.cache_dir,
-        robustness=not a.no_robustness,
-    )
-    print(json.dumps(res, indent=1))

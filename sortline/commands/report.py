@@ -33,12 +33,9 @@ def report(job: str | None, runs: tuple[Path, ...], out: Path) -> None:
     if bool(job) == bool(runs):
         raise click.UsageError("give either JOB or one or more --run DIR")
     if runs:
-        from training.report import RunError, compare_runs, run_report
+        from training.reports.run import compare_runs, run_report
 
-        try:
-            page = run_report(runs[0], out) if len(runs) == 1 else compare_runs(runs, out)
-        except RunError as e:
-            raise click.ClickException(str(e)) from None
+        page = run_report(runs[0], out) if len(runs) == 1 else compare_runs(runs, out)
         click.echo(f"report: {page}")
         return
     from producer.report import job_report

@@ -13,11 +13,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from sortline.errors import SortlineError
+
 FORMAT = "sortline-checkpoint/1"
 META_KEY = "sortline"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SortlineError, ValueError):
     """A file that is not a usable sortline checkpoint; the message says why."""
 
 
@@ -88,7 +90,7 @@ def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None):
     """
     from safetensors.torch import load_file
 
-    from training.models import create_model
+    from training.model.factory import create_model
 
     meta = read_metadata(path)
     if expected_sha256 is not None:
@@ -112,6 +114,6 @@ def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None):
 
 def preprocess_spec(meta: dict[str, Any]):
     """The checkpoint's evaluation preprocessing."""
-    from training.preprocess import PreprocessSpec
+    from training.model.preprocess import PreprocessSpec
 
     return PreprocessSpec.from_dict(meta["preprocess"])

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sortline.errors import ConfigError, SortlineError
+
 log = logging.getLogger(__name__)
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(SortlineError, RuntimeError):
     """Pretrained weights were asked for but cannot be had on this machine."""
 
 
@@ -142,11 +144,11 @@ def create_model(
         torch.Size([1, 6])
     """
     if name not in ARCHS:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
     if pretrained not in ("none", "offline", "hub", "auto"):
-        raise ValueError(f"pretrained must be none, offline, hub or auto, not {pretrained!r}")
+        raise ConfigError(f"pretrained must be none, offline, hub or auto, not {pretrained!r}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, not {num_classes}")
+        raise ConfigError(f"num_classes must be positive, not {num_classes}")
     info = ARCHS[name]
     if pretrained == "auto":
         pretrained = "offline" if info.offline else "hub"

@@ -25,12 +25,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from training import evaluate as ev
-from training.augment import build_augment
-from training.data import load_resized, load_split, write_manifest
-from training.features import cached_features, extract, spec_key
-from training.models import ARCHS, create_model, head_module, split_backbone_head
-from training.preprocess import PreprocessSpec
+from sortline.errors import ConfigError
+from training.data.augment import build_augment
+from training.data.dataset import load_resized, load_split, write_manifest
+from training.data.features import cached_features, extract, spec_key
+from training.fit import evaluate as ev
+from training.model.factory import ARCHS, create_model, head_module, split_backbone_head
+from training.model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _loss_fn(y: np.ndarray, num_classes: int, balance: str, smoothing: float = 0
 
 def _check_balance(balance: str) -> None:
     if balance not in ("sampler", "loss", "none"):
-        raise ValueError(f"balance must be sampler, loss or none, not {balance!r}")
+        raise ConfigError(f"balance must be sampler, loss or none, not {balance!r}")
 
 
 def _val_record(
@@ -327,7 +328,7 @@ SELECTION_CORRUPTIONS = (
 def selection_score(model: nn.Module, val_images, y_val, spec) -> dict:
     """How runs and WiSE-FT weights are chosen: the mean of clean val macro-F1 and the mean
     val macro-F1 under :data:`SELECTION_CORRUPTIONS` (the test split plays no part)."""
-    from training.robustness import robustness_report
+    from training.fit.robustness import robustness_report
 
     rep = robustness_report(model, val_images, y_val, spec, names=SELECTION_CORRUPTIONS)
     clean = rep["per_corruption"]["clean"]
@@ -393,7 +394,7 @@ class RunConfig:
     study: dict | None = None  # train --from-study: the study and trial it comes from
 
     def __post_init__(self) -> None:
-        from training.models import input_size
+        from training.model.factory import input_size
 
         self.resize, self.crop = input_size(self.arch, self.resize, self.crop)
 
@@ -440,10 +441,10 @@ def _frozen_features(
 
 def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
     """Run one training end to end; write everything into ``cfg.out``; return the summary."""
-    from training.checkpoint import save_checkpoint
+    from training.model.checkpoint import save_checkpoint
 
     if cfg.mode not in ("frozen", "finetune"):
-        raise ValueError(f"mode must be frozen or finetune, not {cfg.mode!r}")
+        raise ConfigError(f"mode must be frozen or finetune, not {cfg.mode!r}")
     _check_balance(cfg.balance)
     augment = cfg.augment or ("combined" if cfg.mode == "frozen" else "robust")
     t_start = time.time()
@@ -457,7 +458,7 @@ def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
     classes = ds.classes
     info = ARCHS.get(cfg.arch)
     if info is None:
-        raise ValueError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     spec = PreprocessSpec(resize=cfg.resize, crop=cfg.crop, mean=info.mean, std=info.std)
     split = {sp: ds.split(sp) for sp in ("train", "val", "test")}
     y = {sp: np.array([ds.label_index(s) for s in split[sp]], dtype=np.int64) for sp in split}
@@ -534,7 +535,7 @@ def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
             ev.classification_metrics(y["test"], tl.argmax(1), classes)
         )
     if cfg.robustness:
-        from training.robustness import robustness_report
+        from training.fit.robustness import robustness_report
 
         rob = robustness_report(model, images["test"], y["test"], spec)
         metrics["test_robustness"] = rob
@@ -602,7 +603,7 @@ def register(checkpoint: str | Path) -> str:
     from db.engine import session_scope
     from db.migrate import ensure_schema
     from db.service import register_model
-    from training.checkpoint import file_sha256, read_metadata
+    from training.model.checkpoint import file_sha256, read_metadata
 
     meta = read_metadata(checkpoint)
     ensure_schema()

@@ -1,7 +1,7 @@
 """Online augmentation presets by name, and the scene tools (object mask, textures) they use.
 
 Every preset maps an RGB PIL image to the normalised float32 CHW array the model takes; the
-last step is always :func:`training.preprocess.normalise` with the checkpoint's spec, so the
+last step is always :func:`training.model.preprocess.normalise` with the checkpoint's spec, so the
 pixel scaling is the eval transform's. The reference study's six presets are ``none``,
 ``rotation``, ``hflip``, ``vflip``, ``colorjitter`` and ``combined``; ``finetune`` adds random
 resized crops, and ``robust`` also swaps the white posterboard for other backgrounds, zooms
@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from training.preprocess import PreprocessSpec, normalise, resize_crop
+from sortline.errors import ConfigError
+from training.model.preprocess import PreprocessSpec, normalise, resize_crop
 
 Augment = Callable[[Image.Image], np.ndarray]
 
@@ -127,7 +128,7 @@ def texture(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         t = np.broadcast_to(np.array([g, g, g * 1.1], np.float32), (h, w, 3)).copy()
         t += rng.random((h, w, 1), dtype=np.float32) * 0.06
     else:
-        raise ValueError(f"unknown texture {kind!r}")
+        raise ConfigError(f"unknown texture {kind!r}")
     return np.clip(t, 0.0, 1.0).astype(np.float32)
 
 
@@ -244,7 +245,7 @@ def _pil_steps(name: str, spec: PreprocessSpec) -> list[Callable[[Image.Image], 
     if name == "robust_mix":  # half the samples in-domain (finetune), half robust
         a, b = _pil_steps("finetune", spec), _pil_steps("robust", spec)
         return [lambda im: _chain(a if random.random() < 0.5 else b, im)]
-    raise ValueError(f"unknown augmentation preset {name!r}; choose one of {', '.join(PRESETS)}")
+    raise ConfigError(f"unknown augmentation preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
 def _chain(steps, img: Image.Image) -> Image.Image:
@@ -270,7 +271,7 @@ def build_augment(name: str, spec: PreprocessSpec) -> Augment:
     """The named preset as a function PIL image -> normalised CHW float32 array.
 
     Example:
-        >>> from training.preprocess import PreprocessSpec
+        >>> from training.model.preprocess import PreprocessSpec
         >>> f = build_augment("combined", PreprocessSpec())
         >>> f(Image.new("RGB", (384, 512))).shape
         (3, 224, 224)

@@ -7,13 +7,15 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sortline.errors import SortlineError
+
 DEFAULT_MAX_PIXELS = 50_000_000
 # Photo formats only: PIL's other plugins (EPS runs Ghostscript, and dozens of rare formats)
 # are never tried on untrusted bytes.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")  # JPEG includes MPO (phone photos)
 
 
-class ImageError(ValueError):
+class ImageError(SortlineError, ValueError):
     """An input that cannot be turned into an RGB image; the message names the problem."""
 
 

@@ -4,54 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from training.augment import PRESETS
-from training.config import DEFAULT_CHECKPOINT
-from training.models import ARCHS
-
-
-@contextmanager
-def _user_errors():
-    """Turn errors a user can cause into one-line messages."""
-    from training.checkpoint import CheckpointError
-    from training.data import DatasetError
-    from training.imaging import ImageError
-    from training.models import WeightsUnavailable
-
-    try:
-        yield
-    except (DatasetError, CheckpointError, ImageError, WeightsUnavailable, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
-
-
-arch_option = click.option(
-    "--arch",
-    type=click.Choice(sorted(ARCHS)),
-    default="efficientnet_lite0",
-    show_default=True,
-    help="Architecture from the model factory.",
-)
-mode_option = click.option(
-    "--mode",
-    type=click.Choice(["frozen", "finetune"]),
-    default="frozen",
-    show_default=True,
-    help="frozen: linear head on cached backbone features; finetune: train the whole network.",
-)
-
-
-def _checkpoint_option(f):
-    return click.option(
-        "--checkpoint",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=DEFAULT_CHECKPOINT,
-        show_default="models/sortline-trashnet.safetensors",
-        help="Model checkpoint (.safetensors).",
-    )(f)
+from sortline.cli import fail
+from sortline.commands.options import arch_option, cache_dir_option, checkpoint_option, mode_option
+from training.data.augment import PRESETS
 
 
 @click.command()
@@ -170,8 +129,8 @@ def train(
     from dataclasses import replace
 
     from training.config import get_training_settings
-    from training.train import FinetuneParams, FrozenParams, RunConfig
-    from training.train import train as run_training
+    from training.fit.train import FinetuneParams, FrozenParams, RunConfig
+    from training.fit.train import train as run_training
 
     settings = get_training_settings()
     study_cfg = None
@@ -232,11 +191,7 @@ def train(
         )
 
     click.echo(f"training {arch} ({mode}) on {data} -> {out}")
-    with _user_errors():
-        try:
-            summary = run_training(cfg, on_epoch=progress)
-        except ValueError as e:
-            raise click.ClickException(str(e)) from None
+    summary = run_training(cfg, on_epoch=progress)
     m = summary["metrics"]
     click.echo(
         f"test: accuracy {m['test']['accuracy']:.4f}  macro-F1 {m['test']['macro_f1']:.4f}  "
@@ -263,7 +218,7 @@ _STUDY_DECIDES = (
 
 def _config_from_study(study: str, **run_options):
     """The run configuration of `train --from-study NAME` (the study's best trial)."""
-    from training.tune import TuneError, run_config_from_study
+    from training.tune.study import run_config_from_study
 
     ctx = click.get_current_context()
     given = [
@@ -273,14 +228,11 @@ def _config_from_study(study: str, **run_options):
     if given:
         opts = ", ".join("--" + p.replace("_", "-") for p in given)
         raise click.UsageError(f"--from-study takes {opts} from the study; drop them")
-    try:
-        return run_config_from_study(study, out="", **run_options)
-    except TuneError as e:
-        raise click.ClickException(str(e)) from None
+    return run_config_from_study(study, out="", **run_options)
 
 
 @click.command()
-@_checkpoint_option
+@checkpoint_option
 @click.option(
     "--data",
     required=True,
@@ -290,10 +242,9 @@ def _config_from_study(study: str, **run_options):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
 def evaluate(checkpoint, data, as_json) -> None:
     """Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."""
-    from training.evaluate import evaluate_checkpoint, report_text
+    from training.fit.evaluate import evaluate_checkpoint, report_text
 
-    with _user_errors():
-        m = evaluate_checkpoint(checkpoint, data)
+    m = evaluate_checkpoint(checkpoint, data)
     if as_json:
         keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion")
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
@@ -308,7 +259,7 @@ def evaluate(checkpoint, data, as_json) -> None:
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@_checkpoint_option
+@checkpoint_option
 @click.option(
     "--grid",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -318,13 +269,12 @@ def evaluate(checkpoint, data, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def predict(images, checkpoint, grid, as_json) -> None:
     """Classify image files: label and calibrated confidence for each."""
-    from training.evaluate import plot_grid, predict_files
+    from training.fit.evaluate import plot_grid, predict_files
 
     missing = [str(p) for p in images if not p.exists()]
     if missing:
-        raise click.ClickException(f"no such file: {', '.join(missing)}")
-    with _user_errors():
-        results = predict_files(images, checkpoint)
+        fail(f"no such file: {', '.join(missing)}")
+    results = predict_files(images, checkpoint)
     failed = 0
     for r in results:
         if "error" in r:
@@ -346,4 +296,109 @@ def predict(images, checkpoint, grid, as_json) -> None:
         if not as_json:
             click.echo(f"grid saved to {grid}")
     if failed == len(results):
-        raise click.ClickException("no image could be read")
+        fail("no image could be read")
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option(
+    "--manifest-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write manifest.csv and manifest.json here.",
+)
+@click.option(
+    "--link",
+    nargs=2,
+    type=(click.Choice(["train", "val", "test"]), click.Path(file_okay=False, path_type=Path)),
+    default=None,
+    metavar="SPLIT OUT",
+    help="Link SPLIT's images into OUT as an ImageFolder (e.g. --link test runs/split-test).",
+)
+def split(data: Path, seed: int, manifest_dir: Path | None, link) -> None:
+    """Write a dataset's split manifest, or link one split's images into a folder.
+
+    The split is the one `sortline train` makes (duplicate groups kept together, seed 0 by
+    default), so `--link test DIR` gives the test images of a run for `sortline evaluate`.
+    """
+    from training.data.dataset import link_split, load_split, write_manifest
+
+    if not manifest_dir and not link:
+        raise click.UsageError("give --manifest-dir DIR and/or --link SPLIT OUT")
+    ds = load_split(data, seed=seed)
+    if manifest_dir:
+        click.echo(write_manifest(ds, manifest_dir))
+    if link:
+        click.echo(link_split(ds, link[0], link[1]))
+
+
+@click.command()
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, file_okay=False), help="ImageFolder."
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]),
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Offline backbone.",
+)
+@cache_dir_option
+def probe(data: str, arch: str, cache_dir: Path | None) -> None:
+    """Frozen-feature probe of an offline backbone's variants and normalisations on val.
+
+    Prints one JSON line per (timm variant, normalisation): val accuracy and macro-F1 of a
+    logistic regression on pooled features fitted on train.
+    """
+    from training.fit.probe import probe as run_probe
+
+    run_probe(data, arch, str(_cache(cache_dir)), on_row=lambda row: click.echo(json.dumps(row)))
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Soup run folder.")
+@cache_dir_option
+def soup(runs: tuple[str, ...], out: str, cache_dir: Path | None) -> None:
+    """Average like fine-tuned runs into one model; score members and soup on val.
+
+    Writes a run folder that `sortline ship` takes like any other.
+    """
+    from training.fit.soup import make_soup
+
+    click.echo(json.dumps(make_soup(runs, out, cache_dir=str(_cache(cache_dir))), indent=1))
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--version", required=True, help="Version of the shipped model, e.g. 1.2.0.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Checkpoint to write [models/sortline-trashnet.safetensors].",
+)
+@cache_dir_option
+@click.option("--no-robustness", is_flag=True, help="Skip the robustness check.")
+def ship(
+    run_dir: str, version: str, out: str | None, cache_dir: Path | None, no_robustness: bool
+) -> None:
+    """Write a run's float16 checkpoint as the shipped model, re-scored on val and test."""
+    from training.config import DEFAULT_CHECKPOINT
+    from training.fit.ship import ship as run_ship
+
+    res = run_ship(
+        run_dir,
+        version=version,
+        out=out or DEFAULT_CHECKPOINT,
+        cache_dir=str(_cache(cache_dir)),
+        robustness=not no_robustness,
+    )
+    click.echo(json.dumps(res, indent=1))
+
+
+def _cache(cache_dir: Path | None) -> Path:
+    from training.config import get_training_settings
+
+    return cache_dir or get_training_settings().cache_dir

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from training.imaging import DEFAULT_MAX_PIXELS, decode_image
+from training.model.imaging import DEFAULT_MAX_PIXELS, decode_image
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 

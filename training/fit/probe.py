@@ -1,24 +1,23 @@
 """Which timm variant and normalisation fit the offline EfficientNet-Lite weights best.
 
-Run: ``python -m training.probe --data /work/shared/trashnet [--arch efficientnet_lite2]``
+Run: ``sortline probe --data /work/shared/trashnet [--arch efficientnet_lite2]``
 (each at its own input size; a logistic-regression probe on
 pooled features; fitted on the train split, scored on the val split, the test split unused).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import timm
 import torch
 
-from training.data import load_resized, load_split
-from training.features import extract
-from training.models import (
+from training.data.dataset import load_resized, load_split
+from training.data.features import extract
+from training.model.factory import (
     ARCHS,
     HALF,
     IMAGENET_MEAN,
@@ -26,12 +25,17 @@ from training.models import (
     _load_by_position,
     _offline_state,
 )
-from training.preprocess import PreprocessSpec
+from training.model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
 
-def probe(data: str, arch: str = "efficientnet_lite0", cache_dir: str = "cache") -> list[dict]:
+def probe(
+    data: str,
+    arch: str = "efficientnet_lite0",
+    cache_dir: str = "cache",
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Fit a probe for each (variant, normalisation); return val accuracy and macro-F1."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
@@ -66,18 +70,7 @@ def probe(data: str, arch: str = "efficientnet_lite0", cache_dir: str = "cache")
                 "seconds": round(time.time() - t, 1),
             }
             log.info("%s", row)
-            print(json.dumps(row), flush=True)
+            if on_row:
+                on_row(row)
             rows.append(row)
     return rows
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument(
-        "--arch", default="efficientnet_lite0", choices=[n for n, a in ARCHS.items() if a.offline]
-    )
-    ap.add_argument("--cache-dir", default="cache")
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    probe(a.data, a.arch, a.cache_dir)

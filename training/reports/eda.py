@@ -2,9 +2,9 @@
 
 What it measures, per image: decodability, size and aspect ratio, the bounding box of the
 object against the background, brightness and contrast, the sha256 of the bytes and the
-64-bit DCT perceptual hash of :func:`training.data.phash`. Across images: class counts and
+64-bit DCT perceptual hash of :func:`training.data.dataset.phash`. Across images: class counts and
 imbalance, exact duplicates (same bytes) and near-duplicate groups (the grouping of
-:func:`training.data.duplicate_groups`), with those spanning two classes called out.
+:func:`training.data.dataset.duplicate_groups`), with those spanning two classes called out.
 
 The foreground box is a heuristic for photos of one object on a plain background (TrashNet's
 white posterboard): a pixel is foreground when it lies on an edge or is more coloured than the
@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from training import viz
-from training.data import (
+from training.data.dataset import (
     IMAGE_SUFFIXES,
     PHASH_MAX_DISTANCE,
     DatasetError,
@@ -38,11 +37,12 @@ from training.data import (
     duplicate_groups,
     phash,
 )
-from training.imaging import ImageError, decode_image
+from training.model.imaging import ImageError, decode_image
+from training.reports import charts as viz
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_SIZE = (64, 64)  # JPEG draft target: the same decode as training.data's hashing
+ANALYSIS_SIZE = (64, 64)  # JPEG draft target: the same decode as training.data.dataset's hashing
 ANALYSIS_SIDE = 128  # foreground and light are measured at most this large (TrashNet: 96x128)
 FG_EDGE = 12.0  # luma gradient (per pixel of the ~96x128 analysis image) of an edge
 FG_CHROMA = 40.0  # chroma (max - min of RGB) above the background's

@@ -5,14 +5,13 @@ averaged into one network that costs no more to run than each of them (Wortsman 
 "Model soups"). Each member and the uniform soup are scored on the val split with the score
 that picks the WiSE-FT weight (mean of clean val macro-F1 and val macro-F1 under a few
 corruptions); the test split plays no part. The soup is written as a run folder that
-``python -m training.ship`` takes like any other.
+``sortline ship`` takes like any other.
 
-Run: ``python -m training.soup runs/ft-C runs/ft-D --out runs/soup-CD``.
+Run: ``sortline soup runs/ft-C runs/ft-D --out runs/soup-CD``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -23,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import load_checkpoint, preprocess_spec, save_checkpoint
-from training.data import load_resized, read_manifest
-from training.train import SELECTION_CORRUPTIONS, selection_score
+from sortline.errors import SortlineError
+from training.data.dataset import load_resized, read_manifest
+from training.fit.train import SELECTION_CORRUPTIONS, selection_score
+from training.model.checkpoint import load_checkpoint, preprocess_spec, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-class SoupError(ValueError):
+class SoupError(SortlineError, ValueError):
     """Runs that cannot be averaged; the message says why."""
 
 
@@ -98,13 +98,3 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, *, cache_dir: str = "
     result = {**selection, "choice": choice}
     (out / "soup.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="run folders (model.safetensors, manifest.csv)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--cache-dir", default="cache")
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    print(json.dumps(make_soup(a.runs, a.out, cache_dir=a.cache_dir), indent=1))

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.metrics import classification_metrics
-from training.preprocess import PreprocessSpec, preprocess
+from training.model.preprocess import PreprocessSpec, preprocess
+from training.reports.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def plot_confusion(
     confusion: list[list[int]], classes: list[str], path: str | Path, title: str = ""
 ) -> None:
     """The confusion matrix as a PNG (the same chart as the HTML reports)."""
-    from training.viz import confusion_png
+    from training.reports.charts import confusion_png
 
     confusion_png(confusion, classes, path, title=title or "confusion matrix")
 
@@ -178,7 +178,7 @@ def plot_grid(items: list[tuple[Image.Image, str]], path: str | Path, cols: int 
 
 
 def _load(checkpoint: str | Path):
-    from training.checkpoint import load_checkpoint, preprocess_spec
+    from training.model.checkpoint import load_checkpoint, preprocess_spec
 
     model, meta = load_checkpoint(checkpoint)
     model = model.to(memory_format=torch.channels_last)
@@ -191,8 +191,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path) -> dict:
     Class folders must be a subset of the checkpoint's classes. Images are decoded and
     preprocessed exactly as the worker does.
     """
-    from training.data import DatasetError, scan_imagefolder
-    from training.imaging import decode_image
+    from training.data.dataset import DatasetError, scan_imagefolder
+    from training.model.imaging import decode_image
 
     model, meta, spec = _load(checkpoint)
     classes = meta["classes"]
@@ -218,7 +218,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path) -> dict:
 
 def predict_files(paths: Sequence[str | Path], checkpoint: str | Path) -> list[dict]:
     """Label and calibrated confidence (softmax at the stored temperature) for each image file."""
-    from training.imaging import ImageError, decode_image
+    from training.model.imaging import ImageError, decode_image
 
     model, meta, spec = _load(checkpoint)
     classes, t = meta["classes"], float(meta.get("temperature", 1.0))

@@ -32,12 +32,9 @@ def export(job: str, out: Path, threshold: float | None) -> None:
     Move each misfiled image into the folder of its right class (delete the ones to leave
     alone), then run `sortline review import OUT`.
     """
-    from producer.review import ReviewError, export_review
+    from producer.review import export_review
 
-    try:
-        m = export_review(job, out, threshold=threshold)
-    except ReviewError as e:
-        raise click.ClickException(str(e)) from None
+    m = export_review(job, out, threshold=threshold)
     click.echo(f"exported {len(m['items'])} images of job {m['job_id']} to {out}")
     for s in m["skipped"]:
         click.echo(f"skipped position {s['position']} ({s['ref']}): {s['reason']}", err=True)
@@ -53,12 +50,9 @@ def export(job: str, out: Path, threshold: float | None) -> None:
 )
 def import_(folder: Path, add_to: Path | None) -> None:
     """Record the labels of a reviewed export FOLDER: each image's folder is its label."""
-    from producer.review import ReviewError, import_review
+    from producer.review import import_review
 
-    try:
-        r = import_review(folder, add_to=add_to)
-    except ReviewError as e:
-        raise click.ClickException(str(e)) from None
+    r = import_review(folder, add_to=add_to)
     click.echo(
         f"job {r['job_id']}: {len(r['changed'])} labels changed, {r['confirmed']} confirmed"
         + (f", {r['added']} images added to {add_to}" if add_to else "")

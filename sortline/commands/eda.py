@@ -24,23 +24,19 @@ def eda(data_dir: Path, out: Path, quiet: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from training.data import DatasetError
-    from training.eda import run_eda
+    from training.reports.eda import run_eda
 
-    try:
-        if quiet:
-            s = run_eda(data_dir, out)
-        else:
-            with Progress(
-                "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=Console(stderr=True),
-            ) as bar:  # fmt: skip
-                task = bar.add_task("analysing", total=None)
-                s = run_eda(
-                    data_dir, out, on_progress=lambda n, t: bar.update(task, completed=n, total=t)
-                )
-    except DatasetError as e:
-        raise click.ClickException(str(e)) from None
+    if quiet:
+        s = run_eda(data_dir, out)
+    else:
+        with Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=Console(stderr=True),
+        ) as bar:  # fmt: skip
+            task = bar.add_task("analysing", total=None)
+            s = run_eda(
+                data_dir, out, on_progress=lambda n, t: bar.update(task, completed=n, total=t)
+            )
     counts = ", ".join(f"{c} {n}" for c, n in s["class_counts"].items())
     ex, nd = s["exact_duplicates"], s["near_duplicates"]
     click.echo(f"{s['n_images']} images in {len(s['classes'])} classes ({counts}); "

@@ -17,7 +17,7 @@ their place); trials failed by an error in training do (they are not re-run). Th
 lock, a file lock on SQLite), so a redelivered message never adds a trial.
 
 Example:
-    >>> from training.tune import FROZEN_SPACE
+    >>> from training.tune.study import FROZEN_SPACE
     >>> sorted(FROZEN_SPACE)
     ['batch_size', 'gamma', 'lr', 'step_size', 'weight_decay']
 """
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db.config import SortlineSettings, get_db_settings, mask_url
+from sortline.errors import SortlineError
 
 if TYPE_CHECKING:  # optuna and torch are imported where they are used
     import optuna
@@ -81,7 +82,7 @@ def get_tune_settings() -> TuneSettings:
     return TuneSettings()
 
 
-class TuneError(ValueError):
+class TuneError(SortlineError, ValueError):
     """A study that cannot be created, resumed or used; the message says why."""
 
 
@@ -249,12 +250,12 @@ class StudyConfig:
     MUTABLE = ("trials", "parallel", "pruner")
 
     def __post_init__(self) -> None:
-        from training.models import input_size
+        from training.model.factory import input_size
 
         self.resize, self.crop = input_size(self.arch, self.resize, self.crop)
 
     def validate(self) -> None:
-        from training.models import ARCHS
+        from training.model.factory import ARCHS
 
         if self.mode not in MODES:
             raise TuneError(f"mode must be frozen or finetune, not {self.mode!r}")
@@ -347,7 +348,7 @@ class _LazyImages(dict):
         self._args = (ds, split, resize, cache_dir)
 
     def __missing__(self, sp: str):
-        from training.data import load_resized
+        from training.data.dataset import load_resized
 
         ds, split, resize, cache_dir = self._args
         self[sp] = load_resized(ds, split[sp], short_side=resize, cache_dir=cache_dir)
@@ -355,7 +356,7 @@ class _LazyImages(dict):
 
 
 def _run_config(conf: StudyConfig, **kw):
-    from training.train import RunConfig
+    from training.fit.train import RunConfig
 
     augment = conf.frozen_augment if conf.mode == "frozen" else conf.augment
     return RunConfig(
@@ -376,10 +377,10 @@ def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> 
     import torch
 
     from training.config import get_training_settings
-    from training.data import load_split, manifest_sha256
-    from training.models import ARCHS, create_model
-    from training.preprocess import PreprocessSpec
-    from training.train import _frozen_features
+    from training.data.dataset import load_split, manifest_sha256
+    from training.fit.train import _frozen_features
+    from training.model.factory import ARCHS, create_model
+    from training.model.preprocess import PreprocessSpec
 
     cache_dir = Path(cache_dir or get_training_settings().cache_dir)
     t0 = time.perf_counter()
@@ -425,7 +426,7 @@ def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> 
 def _load_bundle(path: str):
     import numpy as np
 
-    from training.train import Features
+    from training.fit.train import Features
 
     with np.load(path) as z:
         return Features(z["train"], z["y_train"], z["val"], z["y_val"], len(z["classes"]))
@@ -445,9 +446,9 @@ def _finetune_data(conf_json: str):
     import numpy as np
 
     from training.config import get_training_settings
-    from training.data import load_resized, load_split
-    from training.models import ARCHS
-    from training.preprocess import PreprocessSpec
+    from training.data.dataset import load_resized, load_split
+    from training.model.factory import ARCHS
+    from training.model.preprocess import PreprocessSpec
 
     conf = StudyConfig.from_attrs({"config": json.loads(conf_json)})
     cache_dir = Path(get_training_settings().cache_dir)
@@ -488,7 +489,7 @@ def suggest_finetune(trial: optuna.Trial, max_epochs: int) -> dict[str, Any]:
 
 
 def frozen_params(conf: StudyConfig, params: dict):
-    from training.train import FrozenParams
+    from training.fit.train import FrozenParams
 
     return FrozenParams(
         lr=params["lr"], weight_decay=params["weight_decay"], batch_size=params["batch_size"],
@@ -498,7 +499,7 @@ def frozen_params(conf: StudyConfig, params: dict):
 
 
 def finetune_params(conf: StudyConfig, params: dict):
-    from training.train import FinetuneParams
+    from training.fit.train import FinetuneParams
 
     return FinetuneParams(
         epochs=params["epochs"], lr=params["lr"],
@@ -533,7 +534,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def objective_frozen(trial: optuna.Trial, conf: StudyConfig, raw_conf: dict) -> float:
     """One frozen trial: a linear head on the cached features; final val macro-F1."""
-    from training.train import train_frozen
+    from training.fit.train import train_frozen
 
     params = frozen_params(conf, suggest_frozen(trial))
     # a linear head's matrices are small: more threads only wait for each other (measured on
@@ -549,8 +550,8 @@ def objective_finetune(trial: optuna.Trial, conf: StudyConfig, raw_conf: dict) -
     import torch
     from torch import nn
 
-    from training.models import create_model, head_module
-    from training.train import FrozenParams, train_finetune, train_frozen
+    from training.fit.train import FrozenParams, train_finetune, train_frozen
+    from training.model.factory import create_model, head_module
 
     params = finetune_params(conf, suggest_finetune(trial, conf.epochs))
     d = _finetune_data(json.dumps(raw_conf, sort_keys=True))
@@ -826,7 +827,7 @@ def save_plots(study: optuna.Study, out: str | Path) -> list[Path]:
 
 
 def run_config_from_study(study_name: str, *, out: str, url: str | None = None, **overrides):
-    """A :class:`~training.train.RunConfig` with the best trial's parameters.
+    """A :class:`~training.fit.train.RunConfig` with the best trial's parameters.
 
     The configuration carries ``study`` (name, trial, value, storage), which the checkpoint's
     metadata records under ``training``.

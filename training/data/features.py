@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.models import forward_features
-from training.preprocess import PreprocessSpec, preprocess
+from training.model.factory import forward_features
+from training.model.preprocess import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
 

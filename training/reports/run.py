@@ -15,14 +15,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from training import viz
+from sortline.errors import SortlineError
+from training.reports import charts as viz
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEYS = ("arch", "mode", "augment", "balance", "pretrained", "seed", "split_seed", "seconds")
 
 
-class RunError(ValueError):
+class RunError(SortlineError, ValueError):
     """A folder that is not a training run; the message says why."""
 
 
@@ -50,7 +51,7 @@ def load_run(run_dir: str | Path) -> dict:
         run["manifest"].pop("samples", None)
     run["meta"] = None
     if (d / "model.safetensors").exists():
-        from training.checkpoint import CheckpointError, read_metadata
+        from training.model.checkpoint import CheckpointError, read_metadata
 
         try:
             run["meta"] = read_metadata(d / "model.safetensors")

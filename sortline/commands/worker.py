@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from sortline.cli import fail
 from worker import stack
 
 
@@ -50,10 +51,7 @@ def flower(port: int | None, address: str) -> None:
     """Run Flower against sortline's Celery app (basic auth from SORTLINE_FLOWER_USER/PASSWORD)."""
     from worker.config import get_worker_settings
 
-    try:
-        argv, env = stack.flower_argv(port or get_worker_settings().flower_port, address)
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
+    argv, env = stack.flower_argv(port or get_worker_settings().flower_port, address)
     os.environ.update(env)
     os.execv(argv[0], argv)
 
@@ -64,10 +62,7 @@ def flower(port: int | None, address: str) -> None:
 @click.option("--training", is_flag=True, help="Also a training-queue worker (as in compose).")
 def up(concurrency: int | None, no_flower: bool, training: bool) -> None:
     """Start the local stack: Redis (if none answers), one CPU worker and Flower."""
-    try:
-        started = stack.up(concurrency=concurrency, flower=not no_flower, training=training)
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
+    started = stack.up(concurrency=concurrency, flower=not no_flower, training=training)
     for s in started:
         click.echo(f"started {s.name:<7} pid {s.pid:<7} log {s.log}")
     if not no_flower:
@@ -124,4 +119,4 @@ def health(checks, queues, nodes, timeout, as_json) -> None:
             click.echo(f"{'ok' if c.ok else 'DOWN':<5} {c.name:<9} {c.detail}")
     down = [c for c in results if not c.ok]
     if down:
-        raise click.ClickException("down: " + "; ".join(f"{c.name} ({c.detail})" for c in down))
+        fail("down: " + "; ".join(f"{c.name} ({c.detail})" for c in down))

@@ -1,0 +1,1 @@
+"""The click commands of the ``sortline`` console script, one module per command group."""

@@ -1,0 +1,38 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from training.config import DEFAULT_CHECKPOINT
+from training.model.factory import ARCHS
+
+arch_option = click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCHS)),
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Architecture from the model factory.",
+)
+mode_option = click.option(
+    "--mode",
+    type=click.Choice(["frozen", "finetune"]),
+    default="frozen",
+    show_default=True,
+    help="frozen: linear head on cached backbone features; finetune: train the whole network.",
+)
+checkpoint_option = click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CHECKPOINT,
+    show_default="models/sortline-trashnet.safetensors",
+    help="Model checkpoint (.safetensors).",
+)
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cache of resized images and features [SORTLINE_CACHE_DIR].",
+)

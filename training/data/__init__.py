@@ -1,0 +1,1 @@
+"""Datasets and splits, augmentation presets, the cached backbone features."""

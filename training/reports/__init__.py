@@ -1,0 +1,1 @@
+"""Torch-free analysis: metrics, charts, EDA and run reports."""
