@@ -58,7 +58,8 @@ def reference_epochs(
     from training.data.dataset import load_resized, load_split
     from training.model.factory import ARCHS, create_model, forward_features
     from training.model.preprocess import PreprocessSpec, preprocess
-    from training.tune.study import make_sampler, suggest_frozen
+    from training.tune.spaces import suggest_frozen
+    from training.tune.study import make_sampler
 
     ds = load_split(data)
     info = ARCHS[arch]
@@ -127,7 +128,7 @@ def reference_epochs(
 def reproduce_best(name: str, out: Path) -> tuple[float, float, float]:
     """`sortline train --from-study`: (best trial's value, the new run's val macro-F1, seconds)."""
     from training.fit.train import train
-    from training.tune.study import run_config_from_study
+    from training.tune.runner import run_config_from_study
 
     cfg = run_config_from_study(name, out=str(out), register=False, robustness=False)
     t0 = time.perf_counter()
@@ -139,7 +140,9 @@ def sortline_search(
     data: Path, arch: str, trials: int, epochs: int, workers: int, log: Path, reproduce: bool
 ):
     """(b) seconds to prepare the study (features) and to run the trials on *workers*."""
-    from training.tune.study import StudyConfig, create_or_resume, load_study, state_counts
+    from training.tune.runner import create_or_resume, load_study
+    from training.tune.status import state_counts
+    from training.tune.study import StudyConfig
     from worker.tasks.training import enqueue_trials
 
     db = scratch_pg()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import lru_cache
+from typing import TypeVar
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,6 +37,23 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:***@{rest[at + 1 :]}"
 
 
+S = TypeVar("S", bound="SortlineSettings")
+_GETTERS: list = []
+
+
+def settings_getter(fn: Callable[[], S]) -> Callable[[], S]:
+    """The one caching rule of settings: read once per process, again after a clear."""
+    cached = lru_cache(maxsize=1)(fn)
+    _GETTERS.append(cached)
+    return cached
+
+
+def clear_settings() -> None:
+    """Forget every cached settings object (tests that change the environment)."""
+    for getter in _GETTERS:
+        getter.cache_clear()
+
+
 class SortlineSettings(BaseSettings):
     """Base for every package's settings: ``SORTLINE_*`` variables, then ``.env``."""
 
@@ -58,6 +78,7 @@ class DbSettings(SortlineSettings):
     auto_migrate: bool = True
 
 
+@settings_getter
 def get_db_settings() -> DbSettings:
-    """Read the database settings from the environment now."""
+    """The database settings."""
     return DbSettings()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from db.config import SortlineSettings
+from db.config import SortlineSettings, settings_getter
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -14,5 +14,7 @@ class ProducerSettings(SortlineSettings):
     queue: str = "cpu"
 
 
+@settings_getter
 def get_producer_settings() -> ProducerSettings:
+    """The producer settings."""
     return ProducerSettings()

@@ -17,28 +17,76 @@ from sortline.errors import SortlineError
 # (several import torch); tests/unit/test_cli_docs.py checks it matches each command's own.
 COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("db:db", "Manage the database schema (SORTLINE_DATABASE_URL)."),
-    "submit": ("jobs:submit", "Classify image files, folders or globs (PATHS) as one job; print its id."),
-    "stream": ("jobs:stream", "Submit images as they arrive: paths on stdin (one per line), or new files in --watch DIR."),
-    "status": ("jobs:status", "Show a job's progress and its labels so far (JOB: id, prefix or 'latest')."),
+    "submit": (
+        "jobs:submit",
+        "Classify image files, folders or globs (PATHS) as one job; print its id.",
+    ),
+    "stream": (
+        "jobs:stream",
+        "Submit images as they arrive: paths on stdin (one per line), or new files in --watch DIR.",
+    ),
+    "status": (
+        "jobs:status",
+        "Show a job's progress and its labels so far (JOB: id, prefix or 'latest').",
+    ),
     "results": ("jobs:results", "Print a job's per-image results (JOB: id, prefix or 'latest')."),
     "jobs": ("jobs:jobs", "List the newest jobs."),
-    "worker": ("worker:worker", "Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`)."),
-    "flower": ("worker:flower", "Run Flower against sortline's Celery app (basic auth from SORTLINE_FLOWER_USER/PASSWORD)."),
-    "up": ("worker:up", "Start the local stack: Redis (if none answers), one CPU worker and Flower."),
+    "worker": (
+        "worker:worker",
+        "Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`).",
+    ),
+    "flower": (
+        "worker:flower",
+        "Run Flower against sortline's Celery app (basic auth from SORTLINE_FLOWER_USER/PASSWORD).",
+    ),
+    "up": (
+        "worker:up",
+        "Start the local stack: Redis (if none answers), one CPU worker and Flower.",
+    ),
     "down": ("worker:down", "Stop what `sortline up` started."),
-    "health": ("worker:health", "Check the broker, database, model and workers; exit 1 naming what is down."),
-    "train": ("train:train", "Train a classifier on an ImageFolder and write a run folder with its checkpoint."),
-    "evaluate": ("train:evaluate", "Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."),
+    "health": (
+        "worker:health",
+        "Check the broker, database, model and workers; exit 1 naming what is down.",
+    ),
+    "train": (
+        "train:train",
+        "Train a classifier on an ImageFolder and write a run folder with its checkpoint.",
+    ),
+    "evaluate": (
+        "train:evaluate",
+        "Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures.",
+    ),
     "predict": ("train:predict", "Classify image files: label and calibrated confidence for each."),
-    "split": ("train:split", "Write a dataset's split manifest, or link one split's images into a folder."),
-    "probe": ("train:probe", "Frozen-feature probe of an offline backbone's variants and normalisations on val."),
-    "soup": ("train:soup", "Average like fine-tuned runs into one model; score members and soup on val."),
-    "ship": ("train:ship", "Write a run's float16 checkpoint as the shipped model, re-scored on val and test."),
+    "split": (
+        "train:split",
+        "Write a dataset's split manifest, or link one split's images into a folder.",
+    ),
+    "probe": (
+        "train:probe",
+        "Frozen-feature probe of an offline backbone's variants and normalisations on val.",
+    ),
+    "soup": (
+        "train:soup",
+        "Average like fine-tuned runs into one model; score members and soup on val.",
+    ),
+    "ship": (
+        "train:ship",
+        "Write a run's float16 checkpoint as the shipped model, re-scored on val and test.",
+    ),
     "tune": ("tune:tune", "Hyper-parameter search: Optuna trials as tasks on the training queue."),
-    "eda": ("eda:eda", "Analyse an ImageFolder dataset: class counts, sizes, foreground box, light, duplicates."),
-    "report": ("report:report", "Write an HTML report of a finished job (JOB: id, prefix or 'latest'), or of runs."),
-    "review": ("review:review", "Review doubtful results: export them into class folders, move misfiled ones, import."),
-}  # fmt: skip
+    "eda": (
+        "eda:eda",
+        "Analyse an ImageFolder dataset: class counts, sizes, foreground box, light, duplicates.",
+    ),
+    "report": (
+        "report:report",
+        "Write an HTML report of a finished job (JOB: id, prefix or 'latest'), or of runs.",
+    ),
+    "review": (
+        "review:review",
+        "Review doubtful results: export them into class folders, move misfiled ones, import.",
+    ),
+}
 
 
 class LazyGroup(click.Group):

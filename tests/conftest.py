@@ -53,3 +53,13 @@ def sqlite_url(tmp_path) -> str:
     url = f"sqlite:///{tmp_path / 'sortline.db'}"
     upgrade(url)
     return url
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """Every test reads the settings from its own environment (they are cached per process)."""
+    from db.config import clear_settings
+
+    clear_settings()
+    yield
+    clear_settings()

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from db.config import SortlineSettings
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from db.config import SortlineSettings, settings_getter
 
 
 class WorkerSettings(SortlineSettings):
@@ -53,7 +50,7 @@ class WorkerSettings(SortlineSettings):
         return [Path(r).resolve() for r in self.allowed_roots]
 
 
-@lru_cache(maxsize=1)
+@settings_getter
 def get_worker_settings() -> WorkerSettings:
-    """The settings, read once per process."""
+    """The worker settings."""
     return WorkerSettings()

@@ -218,7 +218,7 @@ _STUDY_DECIDES = (
 
 def _config_from_study(study: str, **run_options):
     """The run configuration of `train --from-study NAME` (the study's best trial)."""
-    from training.tune.study import run_config_from_study
+    from training.tune.runner import run_config_from_study
 
     ctx = click.get_current_context()
     given = [

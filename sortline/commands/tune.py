@@ -74,13 +74,10 @@ def tune(
         return
     if not name or not data:
         raise click.UsageError("--study and --data are required (or `sortline tune status NAME`)")
-    from training.tune.study import (
-        StudyConfig,
-        create_or_resume,
-        is_sqlite,
-        state_counts,
-        storage_url,
-    )
+    from training.tune.runner import create_or_resume
+    from training.tune.status import state_counts
+    from training.tune.storage import is_sqlite, storage_url
+    from training.tune.study import StudyConfig
     from worker.tasks.training import enqueue_trials
 
     url = storage_url()
@@ -108,14 +105,9 @@ def tune(
 
 def _follow(name: str, trials: int, plots: Path | None) -> None:
     from training.config import get_training_settings
-    from training.tune.study import (
-        best_trial,
-        load_study,
-        save_plots,
-        state_counts,
-        status_text,
-        storage_url,
-    )
+    from training.tune.runner import load_study
+    from training.tune.status import best_trial, save_plots, state_counts, status_text
+    from training.tune.storage import storage_url
 
     study = load_study(name, pruner=False)
     last = None
@@ -156,14 +148,9 @@ def status(name, plots, as_json) -> None:
     """A study's trials (number, state, value, params, duration, worker) and the best one."""
     import json
 
-    from training.tune.study import (
-        best_trial,
-        load_study,
-        save_plots,
-        status_text,
-        storage_url,
-        trial_rows,
-    )
+    from training.tune.runner import load_study
+    from training.tune.status import best_trial, save_plots, status_text, trial_rows
+    from training.tune.storage import storage_url
 
     study = load_study(name, pruner=False)
     if as_json:

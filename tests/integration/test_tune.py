@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def pg(tmp_path, monkeypatch):
     """A fresh PostgreSQL database holding sortline's tables; the study goes beside them."""
+    from db.config import clear_settings
     from db.migrate import upgrade
-    from training.tune.study import get_tune_settings
 
     url = create_pg_database()
     upgrade(url)
@@ -29,7 +29,7 @@ def pg(tmp_path, monkeypatch):
     monkeypatch.setenv("SORTLINE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SORTLINE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("SORTLINE_TUNE_STORAGE", raising=False)
-    get_tune_settings.cache_clear()
+    clear_settings()
     yield url
     from db.engine import reset_engines
 
@@ -79,7 +79,7 @@ def _interval(t):
 
 
 def test_two_workers_run_trials_of_one_study_concurrently(pg, data, workers, tmp_path):
-    from training.tune.study import load_study
+    from training.tune.runner import load_study
 
     a, b = workers(2)
     r = CliRunner().invoke(
@@ -125,7 +125,8 @@ def test_killed_worker_trial_fails_and_is_retried(pg, data, workers, tmp_path):
     """SIGKILL mid-trial: that trial ends FAIL, a retry with its parameters runs, and the
     study ends with exactly the requested 4 finished (COMPLETE or PRUNED) trials, even after
     the killed task's message comes back (acks_late) and runs again."""
-    from training.tune.study import load_study, state_counts
+    from training.tune.runner import load_study
+    from training.tune.status import state_counts
 
     env = {
         "SORTLINE_VISIBILITY_TIMEOUT": "10",

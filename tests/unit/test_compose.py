@@ -224,7 +224,7 @@ def _settings_fields() -> set[str]:
     from db.config import SortlineSettings
 
     for mod in ("db.config", "worker.config", "producer.config", "training.config",
-                "training.tune.study", "worker.metrics"):  # fmt: skip
+                "worker.metrics"):  # fmt: skip
         importlib.import_module(mod)
     seen, todo = set(), list(SortlineSettings.__subclasses__())
     while todo:

@@ -14,11 +14,11 @@ from tests.unit.test_training import make_imagefolder
 
 @pytest.fixture(autouse=True)
 def _fresh_settings():
-    from training.tune.study import get_tune_settings
+    from db.config import clear_settings
 
-    get_tune_settings.cache_clear()
+    clear_settings()
     yield
-    get_tune_settings.cache_clear()
+    clear_settings()
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +36,24 @@ def env(sqlite_url, tmp_path, monkeypatch):
 
 
 def test_storage_is_the_database_unless_set(monkeypatch):
-    from training.tune.study import get_tune_settings, storage_url
+    from db.config import clear_settings
+    from training.tune.storage import storage_url
 
     monkeypatch.setenv("SORTLINE_DATABASE_URL", "postgresql://u:pw@db/sortline")
     monkeypatch.delenv("SORTLINE_TUNE_STORAGE", raising=False)
     assert storage_url() == "postgresql+psycopg://u:pw@db/sortline?options=-csearch_path%3Doptuna"
     monkeypatch.setenv("SORTLINE_DATABASE_URL", "sqlite:////data/sortline.db")
+    clear_settings()
     assert storage_url() == "sqlite:////data/sortline-optuna.db"
     monkeypatch.setenv("SORTLINE_TUNE_STORAGE", "sqlite:///studies.db")
-    get_tune_settings.cache_clear()
+    clear_settings()
     assert storage_url() == "sqlite:///studies.db"
 
 
 @pytest.mark.parametrize("parallel", [0, 2])
 def test_sqlite_refused_for_parallel_trials(parallel):
-    from training.tune.study import TuneError, check_parallel
+    from training.tune.storage import check_parallel
+    from training.tune.study import TuneError
 
     with pytest.raises(TuneError) as e:
         check_parallel("sqlite:///x.db", parallel)
@@ -85,7 +88,8 @@ def test_pruners():
 def test_search_spaces_have_stable_names():
     import optuna
 
-    from training.tune.study import StudyConfig, frozen_params, suggest_finetune, suggest_frozen
+    from training.tune.spaces import frozen_params, suggest_finetune, suggest_frozen
+    from training.tune.study import StudyConfig
 
     fixed = {"lr": 0.01, "weight_decay": 1e-4, "batch_size": 64, "step_size": 5, "gamma": 0.5}
     assert suggest_frozen(optuna.trial.FixedTrial(fixed)) == fixed
@@ -100,16 +104,9 @@ def test_search_spaces_have_stable_names():
 
 def test_trials_fill_the_requested_slots_and_no_more(env, data, tmp_path):
     """One call runs at most one trial; once N trials finished, calls do nothing."""
-    from training.tune.study import (
-        StudyConfig,
-        TuneError,
-        create_or_resume,
-        load_study,
-        run_one_trial,
-        save_plots,
-        state_counts,
-        status_text,
-    )
+    from training.tune.runner import create_or_resume, load_study, run_one_trial
+    from training.tune.status import save_plots, state_counts, status_text
+    from training.tune.study import StudyConfig, TuneError
 
     conf = StudyConfig(data=str(data), arch="tiny", trials=3, epochs=4, pretrained="none")
     create_or_resume("slots", conf)
@@ -136,19 +133,15 @@ def test_a_killed_trial_is_failed_and_retried_once(env, data, monkeypatch):
     """A RUNNING trial whose heartbeat stopped becomes FAIL and its retry takes its slot."""
     import time
 
-    from training.tune.study import (
-        StudyConfig,
-        create_or_resume,
-        get_tune_settings,
-        load_study,
-        make_storage,
-        run_one_trial,
-        state_counts,
-    )
+    from db.config import clear_settings
+    from training.tune.runner import create_or_resume, load_study, run_one_trial
+    from training.tune.status import state_counts
+    from training.tune.storage import make_storage
+    from training.tune.study import StudyConfig
 
     monkeypatch.setenv("SORTLINE_TUNE_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("SORTLINE_TUNE_GRACE_PERIOD", "1")
-    get_tune_settings.cache_clear()
+    clear_settings()
     conf = StudyConfig(data=str(data), arch="tiny", trials=2, epochs=3, pretrained="none")
     study = create_or_resume("killed", conf)
     # a worker that asked, beat once and died
@@ -170,7 +163,8 @@ def test_a_killed_trial_is_failed_and_retried_once(env, data, monkeypatch):
 
 
 def test_parallel_limit_makes_the_task_wait(env, data):
-    from training.tune.study import StudyConfig, create_or_resume, run_one_trial
+    from training.tune.runner import create_or_resume, run_one_trial
+    from training.tune.study import StudyConfig
 
     conf = StudyConfig(data=str(data), arch="tiny", trials=3, epochs=2, pretrained="none")
     study = create_or_resume("limit", conf)
@@ -180,7 +174,8 @@ def test_parallel_limit_makes_the_task_wait(env, data):
 
 
 def test_finetune_trial(env, data):
-    from training.tune.study import StudyConfig, create_or_resume, load_study, run_one_trial
+    from training.tune.runner import create_or_resume, load_study, run_one_trial
+    from training.tune.study import StudyConfig
 
     conf = StudyConfig(
         data=str(data), arch="tiny", mode="finetune", trials=1, epochs=3, pretrained="none"
@@ -197,7 +192,8 @@ def test_finetune_trial(env, data):
 
 def test_train_from_study_uses_the_best_trial_and_records_it(env, data, tmp_path):
     from training.model.checkpoint import read_metadata
-    from training.tune.study import StudyConfig, create_or_resume, load_study, run_one_trial
+    from training.tune.runner import create_or_resume, load_study, run_one_trial
+    from training.tune.study import StudyConfig
 
     conf = StudyConfig(data=str(data), arch="tiny", trials=2, epochs=3, pretrained="none")
     create_or_resume("final", conf)
@@ -227,7 +223,8 @@ def test_train_from_study_uses_the_best_trial_and_records_it(env, data, tmp_path
 def test_status_command(env, data, tmp_path):
     import json
 
-    from training.tune.study import StudyConfig, create_or_resume, run_one_trial
+    from training.tune.runner import create_or_resume, run_one_trial
+    from training.tune.study import StudyConfig
 
     create_or_resume(
         "st", StudyConfig(data=str(data), arch="tiny", trials=2, epochs=2, pretrained="none")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from training.tune.study import get_tune_settings  # settings only: no optuna, no torch here
+from training.config import get_tune_settings
 from worker.app import app
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ _LIMIT = get_tune_settings().tune_time_limit
 )
 def run_trial(self, message: dict) -> dict:
     """Run at most one trial of the study named in *message*; idempotent under redelivery."""
-    from training.tune.study import TuneError, run_one_trial
+    from training.tune.runner import run_one_trial
+    from training.tune.study import TuneError
 
     if not isinstance(message, dict) or not isinstance(message.get("study"), str):
         log.error("rejected trial message (no study name): %r", message)
