@@ -127,7 +127,7 @@ def reference_epochs(
 
 def reproduce_best(name: str, out: Path) -> tuple[float, float, float]:
     """`sortline train --from-study`: (best trial's value, the new run's val macro-F1, seconds)."""
-    from training.fit.train import train
+    from training.fit.run import train
     from training.tune.runner import run_config_from_study
 
     cfg = run_config_from_study(name, out=str(out), register=False, robustness=False)

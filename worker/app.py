@@ -77,7 +77,7 @@ def _after_fork(**_) -> None:
 @worker_init.connect
 def _record_concurrency(sender=None, **_) -> None:
     """Let pool processes know their share of the cores (see ``runtime.torch_threads``)."""
-    import os
+    from worker.runtime import set_worker_concurrency
 
     conc = getattr(sender, "concurrency", None)
     pool = getattr(sender, "pool_cls", None)
@@ -85,4 +85,4 @@ def _record_concurrency(sender=None, **_) -> None:
     if "prefork" not in (pool or "prefork"):  # threads/solo: one process owns every core
         conc = 1
     if conc:
-        os.environ["SORTLINE_WORKER_CONCURRENCY"] = str(conc)
+        set_worker_concurrency(conc)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sortline.errors import ConfigError
+from training.model.calibration import softmax
 from training.model.checkpoint import CheckpointError, file_sha256, model_version, read_metadata
 from training.model.preprocess import PreprocessSpec
 from worker.config import get_worker_settings
@@ -66,20 +67,21 @@ def choose_model() -> ModelChoice:
     return ModelChoice(path=path, expected_sha256=expected)
 
 
+_worker_concurrency = 1  # processes of this worker; set in the parent before its pool forks
+
+
+def set_worker_concurrency(n: int) -> None:
+    """Record how many pool processes share the cores (called by the worker at start)."""
+    global _worker_concurrency
+    _worker_concurrency = max(1, n)
+
+
 def torch_threads() -> int:
     """This process's share of the cores."""
     s = get_worker_settings()
     if s.torch_threads > 0:
         return s.torch_threads
-    conc = int(os.environ.get("SORTLINE_WORKER_CONCURRENCY", "1") or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, conc))
-
-
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return max(1, (os.cpu_count() or 1) // max(1, _worker_concurrency))
 
 
 class TorchBackend:
@@ -205,7 +207,7 @@ class Classifier:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (temperature-calibrated) for a batch of preprocessed arrays."""
-        return _softmax(self.backend.logits(batch), self.temperature)
+        return softmax(self.backend.logits(batch), self.temperature).astype(np.float32)
 
 
 def resolve_device(device: str) -> str:

@@ -129,8 +129,9 @@ def train(
     from dataclasses import replace
 
     from training.config import get_training_settings
-    from training.fit.train import FinetuneParams, FrozenParams, RunConfig
-    from training.fit.train import train as run_training
+    from training.fit.run import RunConfig
+    from training.fit.run import train as run_training
+    from training.fit.train import FinetuneParams, FrozenParams
 
     settings = get_training_settings()
     study_cfg = None
@@ -269,7 +270,8 @@ def evaluate(checkpoint, data, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def predict(images, checkpoint, grid, as_json) -> None:
     """Classify image files: label and calibrated confidence for each."""
-    from training.fit.evaluate import plot_grid, predict_files
+    from training.fit.evaluate import predict_files
+    from training.reports.charts import gallery
 
     missing = [str(p) for p in images if not p.exists()]
     if missing:
@@ -292,7 +294,7 @@ def predict(images, checkpoint, grid, as_json) -> None:
             click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%})")
     if grid:
         ok = [r for r in results if "error" not in r]
-        plot_grid([(r["image"], f"{r['label']} {r['confidence']:.0%}") for r in ok], grid)
+        gallery([(r["image"], f"{r['label']} {r['confidence']:.0%}") for r in ok], grid, cols=4)
         if not as_json:
             click.echo(f"grid saved to {grid}")
     if failed == len(results):

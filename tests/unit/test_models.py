@@ -74,7 +74,7 @@ def test_train_cli_reports_missing_weights_without_a_traceback(monkeypatch, tmp_
     def unavailable(name, **kw):
         raise WeightsUnavailable(f"could not download ImageNet weights for {name!r}")
 
-    monkeypatch.setattr("training.fit.train.create_model", unavailable)
+    monkeypatch.setattr("training.fit.run.create_model", unavailable)
     data = tmp_path / "data"
     for c in ("a", "b"):
         write_images(data / c, 6, prefix=c)

@@ -12,7 +12,8 @@ from training.fit.soup import SoupError, average_states, make_soup
 
 
 def _run(data, out, seed):
-    from training.fit.train import FrozenParams, RunConfig, train
+    from training.fit.run import RunConfig, train
+    from training.fit.train import FrozenParams
 
     cfg = RunConfig(
         data=str(data), out=str(out), arch="tiny", pretrained="none", mode="frozen",

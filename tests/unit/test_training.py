@@ -61,7 +61,8 @@ def imagefolder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def frozen_run(imagefolder, tmp_path_factory) -> dict:
-    from training.fit.train import FrozenParams, RunConfig, train
+    from training.fit.run import RunConfig, train
+    from training.fit.train import FrozenParams
 
     out = tmp_path_factory.mktemp("run")
     epochs: list[dict] = []
@@ -248,7 +249,8 @@ def test_frozen_head_learns_separable_features():
 
 
 def test_finetune_run_with_wise_selection(imagefolder, tmp_path):
-    from training.fit.train import FinetuneParams, FrozenParams, RunConfig, train
+    from training.fit.run import RunConfig, train
+    from training.fit.train import FinetuneParams, FrozenParams
 
     cfg = RunConfig(
         data=str(imagefolder),
@@ -279,7 +281,7 @@ def test_finetune_run_with_wise_selection(imagefolder, tmp_path):
 
 
 def test_temperature_scaling_lowers_nll_of_overconfident_logits():
-    from training.fit.evaluate import calibration
+    from training.model.calibration import calibration
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 400)
@@ -339,7 +341,7 @@ def test_robustness_report_is_deterministic():
 def test_register_records_the_checkpoint(frozen_run, tmp_path, monkeypatch):
     from db.engine import session_scope
     from db.service import active_model
-    from training.fit.train import register
+    from training.fit.run import register
     from training.model.checkpoint import file_sha256
 
     url = f"sqlite:///{tmp_path / 'reg.db'}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from training.model.factory import forward_features
 from training.model.preprocess import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def spec_key(spec: PreprocessSpec) -> str:
@@ -66,3 +74,51 @@ def cached_features(
     tmp.replace(path)
     (path.with_suffix(".json")).write_text(json.dumps(key_parts, indent=1, sort_keys=True))
     return arrays
+
+
+def frozen_features(
+    model,
+    images: dict,
+    spec: PreprocessSpec,
+    *,
+    arch: str,
+    pretrained: str,
+    manifest_sha256: str,
+    augment: str,
+    views: int,
+    seed: int,
+    cache_dir: str | Path,
+) -> dict[str, np.ndarray]:
+    """Clean features of every split, plus *views* augmented views of the training images.
+
+    Cached under the architecture, weights, split manifest and preprocessing (and, for the
+    augmented views, the preset, count and seed): ``sortline train`` and ``sortline tune``
+    share the cache.
+    """
+    from training.data.augment import build_augment
+
+    key = {
+        "arch": arch,
+        "pretrained": pretrained,
+        "manifest_sha256": manifest_sha256,
+        "preprocess": spec_key(spec),
+    }
+    out = cached_features(
+        key,
+        lambda: {sp: extract(model, images[sp], spec) for sp in ("train", "val", "test")},
+        cache_dir,
+    )
+    if views:
+
+        def compute() -> dict[str, np.ndarray]:
+            seed_everything(seed)
+            aug = build_augment(augment, spec)
+            return {
+                "train_aug": np.stack(
+                    [extract(model, images["train"], spec, transform=aug) for _ in range(views)]
+                )
+            }
+
+        aug_key = {**key, "augment": augment, "views": views, "seed": seed}
+        out = {**out, **cached_features(aug_key, compute, cache_dir)}
+    return out

@@ -1,10 +1,9 @@
-"""Metrics, calibration, plots, and evaluation/prediction with a saved checkpoint."""
+"""Inference for evaluation, the classification report, and evaluation/prediction with a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.model.calibration import (
+    expected_calibration_error,
+    softmax,
+)
 from training.model.preprocess import PreprocessSpec, preprocess
 from training.reports.metrics import classification_metrics
 
@@ -52,56 +55,7 @@ def predict_logits(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 # ---------------------------------------------------------------- metrics
-
-
-def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
-    p = softmax(logits, temperature)
-    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
-
-
-def fit_temperature(logits: np.ndarray, y: Sequence[int]) -> float:
-    """The temperature T > 0 minimising the negative log-likelihood of softmax(logits / T)."""
-    from scipy.optimize import minimize_scalar
-
-    y = np.asarray(y)
-    res = minimize_scalar(lambda t: nll(logits, y, math.exp(t)), bounds=(-3, 3), method="bounded")
-    return float(math.exp(res.x))
-
-
-def expected_calibration_error(probs: np.ndarray, y: Sequence[int], n_bins: int = 15) -> float:
-    """ECE of the top-1 confidence over equal-width bins."""
-    y = np.asarray(y)
-    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    correct = (pred == y).astype(np.float64)
-    edges = np.linspace(0, 1, n_bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
-
-
-def calibration(val_logits: np.ndarray, y_val: Sequence[int]) -> dict:
-    """Temperature fitted on validation, with ECE and NLL before and after."""
-    y_val = np.asarray(y_val)
-    t = fit_temperature(val_logits, y_val)
-    return {
-        "split": "val",
-        "temperature": t,
-        "ece_before": expected_calibration_error(softmax(val_logits), y_val),
-        "ece_after": expected_calibration_error(softmax(val_logits, t), y_val),
-        "nll_before": nll(val_logits, y_val),
-        "nll_after": nll(val_logits, y_val, t),
-    }
 
 
 def report_text(metrics: dict, classes: list[str]) -> str:
@@ -115,63 +69,6 @@ def report_text(metrics: dict, classes: list[str]) -> str:
     lines.append(f"{'accuracy':>12} {'':>9} {'':>9} {metrics['accuracy']:9.3f} {metrics['n']:8d}")
     lines.append(f"{'macro f1':>12} {'':>9} {'':>9} {metrics['macro_f1']:9.3f} {metrics['n']:8d}")
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_confusion(
-    confusion: list[list[int]], classes: list[str], path: str | Path, title: str = ""
-) -> None:
-    """The confusion matrix as a PNG (the same chart as the HTML reports)."""
-    from training.reports.charts import confusion_png
-
-    confusion_png(confusion, classes, path, title=title or "confusion matrix")
-
-
-def plot_curves(history: list[dict], path: str | Path) -> None:
-    """Train/val loss and val accuracy/macro-F1 per epoch."""
-    plt = _plt()
-    ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(ep, [h["train_loss"] for h in history], label="train loss")
-    a1.plot(ep, [h["val_loss"] for h in history], label="val loss")
-    a1.set_xlabel("epoch")
-    a1.legend()
-    a2.plot(ep, [h.get("train_acc", float("nan")) for h in history], label="train accuracy")
-    a2.plot(ep, [h["val_acc"] for h in history], label="val accuracy")
-    a2.plot(ep, [h["val_macro_f1"] for h in history], label="val macro-F1")
-    a2.set_xlabel("epoch")
-    a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_grid(items: list[tuple[Image.Image, str]], path: str | Path, cols: int = 4) -> None:
-    """A gallery of photos, each titled (label and confidence)."""
-    plt = _plt()
-    n = max(1, len(items))
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (img, title) in zip(axes.ravel(), items, strict=False):
-        ax.imshow(img)
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- with a checkpoint

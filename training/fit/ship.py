@@ -17,6 +17,7 @@ import numpy as np
 from training.config import DEFAULT_CHECKPOINT
 from training.data.dataset import load_resized, read_manifest
 from training.fit import evaluate as ev
+from training.model.calibration import calibration, expected_calibration_error, softmax
 from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,13 @@ def ship(
         y = np.array([classes.index(s.label) for s in samples])
         data[sp] = (load_resized(ds, samples, short_side=spec.resize, cache_dir=Path(cache_dir)), y)
     val_logits = ev.predict_logits(model, data["val"][0], spec)
-    cal = ev.calibration(val_logits, data["val"][1])
+    cal = calibration(val_logits, data["val"][1])
     test_logits = ev.predict_logits(model, data["test"][0], spec)
     metrics = dict(meta["metrics"])
     metrics["val"] = ev.classification_metrics(data["val"][1], val_logits.argmax(1), classes)
     metrics["test"] = ev.classification_metrics(data["test"][1], test_logits.argmax(1), classes)
-    metrics["test"]["ece"] = ev.expected_calibration_error(
-        ev.softmax(test_logits, cal["temperature"]), data["test"][1]
+    metrics["test"]["ece"] = expected_calibration_error(
+        softmax(test_logits, cal["temperature"]), data["test"][1]
     )
     metrics["calibration"] = cal
     for sp in ("val", "test"):

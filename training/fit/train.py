@@ -3,22 +3,17 @@
 The building blocks are small and importable so that an Optuna objective can call them:
 :func:`train_frozen` takes cached features and a :class:`FrozenParams` and reports each
 epoch's validation figures through ``on_epoch``; :func:`train_finetune` does the same for a
-whole network. :func:`train` assembles a full run (split, manifest, features, training,
-evaluation, calibration, plots, checkpoint, registry).
+whole network. :mod:`training.fit.run` assembles a full run from them.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,10 +22,10 @@ from torch import nn
 
 from sortline.errors import ConfigError
 from training.data.augment import build_augment
-from training.data.dataset import load_resized, load_split, write_manifest
-from training.data.features import cached_features, extract, spec_key
+from training.data.features import seed_everything
 from training.fit import evaluate as ev
-from training.model.factory import ARCHS, create_model, head_module, split_backbone_head
+from training.model.calibration import nll
+from training.model.factory import split_backbone_head
 from training.model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -39,12 +34,6 @@ EpochCallback = Callable[[dict], None]
 
 
 # ---------------------------------------------------------------- shared pieces
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -74,7 +63,7 @@ def _loss_fn(y: np.ndarray, num_classes: int, balance: str, smoothing: float = 0
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
 
 
-def _check_balance(balance: str) -> None:
+def check_balance(balance: str) -> None:
     if balance not in ("sampler", "loss", "none"):
         raise ConfigError(f"balance must be sampler, loss or none, not {balance!r}")
 
@@ -95,7 +84,7 @@ def _val_record(
         "epoch": epoch,
         "train_loss": train_loss,
         "train_acc": train_acc,
-        "val_loss": ev.nll(logits, y),
+        "val_loss": nll(logits, y),
         "val_acc": float((pred == y).mean()),
         "val_macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(classes_n)))),
         "seconds": round(seconds, 2),
@@ -142,7 +131,7 @@ def train_frozen(
     ``on_epoch`` receives every epoch's record (val loss, accuracy, macro-F1); it may raise to
     stop early (an Optuna pruner does).
     """
-    _check_balance(params.balance)
+    check_balance(params.balance)
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     dim = feats.val.shape[1]
@@ -256,7 +245,7 @@ def train_finetune(
     on_epoch: EpochCallback | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Fine-tune *model* (its head already initialised, e.g. by the probe); return it + history."""
-    _check_balance(params.balance)
+    check_balance(params.balance)
     seed_everything(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     aug = build_augment(params.augment, spec)
@@ -362,265 +351,3 @@ def choose_wise_alpha(
         "corruptions": list(SELECTION_CORRUPTIONS),
         "alphas": table,
     }
-
-
-# ---------------------------------------------------------------- a full run
-
-
-@dataclass
-class RunConfig:
-    """Everything a training run needs; stored in the checkpoint as its training settings."""
-
-    data: str
-    out: str
-    arch: str = "efficientnet_lite0"
-    mode: str = "frozen"
-    pretrained: str = "auto"
-    augment: str | None = None  # default: combined (frozen), robust (finetune)
-    aug_views: int = 3  # frozen mode: augmented feature views cached per training image
-    balance: str = "loss"
-    seed: int = 0
-    split_seed: int = 0
-    resize: int | None = None  # default: the architecture's own input size
-    crop: int | None = None
-    frozen: FrozenParams = field(default_factory=FrozenParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    robustness: bool = True
-    name: str = "sortline-trashnet"
-    version: str | None = None
-    half: bool = False
-    register: bool = True
-    cache_dir: str = "cache"
-    study: dict | None = None  # train --from-study: the study and trial it comes from
-
-    def __post_init__(self) -> None:
-        from training.model.factory import input_size
-
-        self.resize, self.crop = input_size(self.arch, self.resize, self.crop)
-
-
-def _write_history(history: list[dict], path: Path) -> None:
-    if not history:
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-
-
-def _frozen_features(
-    cfg: RunConfig, model, images: dict, spec, manifest_sha: str, augment: str, views: int
-) -> dict[str, np.ndarray]:
-    """Clean features of every split, plus *views* augmented views of the training images."""
-    key = {
-        "arch": cfg.arch,
-        "pretrained": cfg.pretrained,
-        "manifest_sha256": manifest_sha,
-        "preprocess": spec_key(spec),
-    }
-    out = cached_features(
-        key,
-        lambda: {sp: extract(model, images[sp], spec) for sp in ("train", "val", "test")},
-        cfg.cache_dir,
-    )
-    if views:
-
-        def compute() -> dict[str, np.ndarray]:
-            seed_everything(cfg.seed)
-            aug = build_augment(augment, spec)
-            return {
-                "train_aug": np.stack(
-                    [extract(model, images["train"], spec, transform=aug) for _ in range(views)]
-                )
-            }
-
-        aug_key = {**key, "augment": augment, "views": views, "seed": cfg.seed}
-        out = {**out, **cached_features(aug_key, compute, cfg.cache_dir)}
-    return out
-
-
-def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
-    """Run one training end to end; write everything into ``cfg.out``; return the summary."""
-    from training.model.checkpoint import save_checkpoint
-
-    if cfg.mode not in ("frozen", "finetune"):
-        raise ConfigError(f"mode must be frozen or finetune, not {cfg.mode!r}")
-    _check_balance(cfg.balance)
-    augment = cfg.augment or ("combined" if cfg.mode == "frozen" else "robust")
-    t_start = time.time()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    ds = load_split(cfg.data, seed=cfg.split_seed)
-    manifest_sha = write_manifest(ds, out)
-    for f, why in ds.skipped:
-        log.warning("skipped corrupt image %s: %s", f, why)
-    classes = ds.classes
-    info = ARCHS.get(cfg.arch)
-    if info is None:
-        raise ConfigError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    spec = PreprocessSpec(resize=cfg.resize, crop=cfg.crop, mean=info.mean, std=info.std)
-    split = {sp: ds.split(sp) for sp in ("train", "val", "test")}
-    y = {sp: np.array([ds.label_index(s) for s in split[sp]], dtype=np.int64) for sp in split}
-    images = {
-        sp: load_resized(ds, split[sp], short_side=cfg.resize, cache_dir=Path(cfg.cache_dir))
-        for sp in split
-    }
-    log.info("data: %s", {sp: len(v) for sp, v in split.items()})
-
-    model = create_model(cfg.arch, num_classes=len(classes), pretrained=cfg.pretrained)
-    model = model.to(memory_format=torch.channels_last).eval()
-    nc = len(classes)
-
-    views = cfg.aug_views if (cfg.mode == "frozen" and augment != "none") else 0
-    feats = _frozen_features(cfg, model, images, spec, manifest_sha, augment, views)
-    train_x = feats["train_aug"] if views else feats["train"]
-    fparams = FrozenParams(**{**asdict(cfg.frozen), "balance": cfg.balance, "seed": cfg.seed})
-    probe_head, probe_hist = train_frozen(
-        Features(train_x, y["train"], feats["val"], y["val"], nc),
-        fparams,
-        on_epoch if cfg.mode == "frozen" else None,
-    )
-    head = head_module(model)
-    with torch.no_grad():
-        head_lin = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
-        head_lin.weight.copy_(probe_head.weight)
-        head_lin.bias.copy_(probe_head.bias)
-    history = probe_hist
-    extra: dict = {}
-    if cfg.mode == "finetune":
-        fp = FinetuneParams(
-            **{**asdict(cfg.finetune), "seed": cfg.seed, "balance": cfg.balance, "augment": augment}
-        )
-        zero_state = copy.deepcopy(model.state_dict())
-        if not fp.lp_init:
-            nn.init.normal_(head_lin.weight, std=0.01)
-            nn.init.zeros_(head_lin.bias)
-        model, history = train_finetune(
-            model,
-            images["train"],
-            y["train"],
-            images["val"],
-            y["val"],
-            spec,
-            fp,
-            num_classes=nc,
-            on_epoch=on_epoch,
-        )
-        extra["probe_history"] = probe_hist
-        alpha = fp.wise_alpha
-        if fp.wise_alphas:
-            alpha, extra["wise_selection"] = choose_wise_alpha(
-                model, zero_state, fp.wise_alphas, images["val"], y["val"], spec
-            )
-        if alpha is not None and alpha < 1:
-            model.load_state_dict(wise_blend(zero_state, model.state_dict(), alpha))
-        extra["wise_alpha"] = alpha
-    model.eval()
-
-    val_logits = ev.predict_logits(model, images["val"], spec)
-    cal = ev.calibration(val_logits, y["val"])
-    val_m = ev.classification_metrics(y["val"], val_logits.argmax(1), classes)
-    test_logits = ev.predict_logits(model, images["test"], spec)  # once, at the end
-    test_m = ev.classification_metrics(y["test"], test_logits.argmax(1), classes)
-    test_m["ece"] = ev.expected_calibration_error(
-        ev.softmax(test_logits, cal["temperature"]), y["test"]
-    )
-    metrics = {"val": _short(val_m), "test": _short(test_m), "calibration": cal}
-    if "wise_selection" in extra:
-        metrics["wise_selection"] = extra["wise_selection"]
-    if cfg.mode == "finetune" and cfg.finetune.tta:
-        tl = ev.predict_logits(model, images["test"], spec, tta=True)
-        metrics["test_flip_tta"] = _short(
-            ev.classification_metrics(y["test"], tl.argmax(1), classes)
-        )
-    if cfg.robustness:
-        from training.fit.robustness import robustness_report
-
-        rob = robustness_report(model, images["test"], y["test"], spec)
-        metrics["test_robustness"] = rob
-        ev.save_json(rob, out / "robustness.json")
-
-    elapsed = time.time() - t_start
-    ev.save_json(
-        {
-            "val": val_m,
-            "test": test_m,
-            "calibration": cal,
-            **{k: v for k, v in metrics.items() if k not in ("val", "test", "calibration")},
-        },
-        out / "metrics.json",
-    )
-    (out / "classification_report.txt").write_text(
-        "test split\n"
-        + ev.report_text(test_m, classes)
-        + "\nval split\n"
-        + ev.report_text(val_m, classes)
-    )
-    ev.plot_confusion(test_m["confusion"], classes, out / "confusion_matrix.png", "test split")
-    ev.plot_curves(history, out / "curves.png")
-    _write_history(history, out / "history.csv")
-    if extra.get("probe_history"):
-        _write_history(extra["probe_history"], out / "probe_history.csv")
-
-    version = cfg.version or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    settings = asdict(cfg)
-    meta = {
-        "name": cfg.name,
-        "version": version,
-        "arch": cfg.arch,
-        "classes": classes,
-        "preprocess": spec.to_dict(),
-        "temperature": cal["temperature"],
-        "metrics": metrics,
-        "manifest_sha256": manifest_sha,
-        "training": {**settings, "seconds": round(elapsed, 1)},
-    }
-    ckpt = out / "model.safetensors"
-    sha = save_checkpoint(ckpt, model, meta, half=cfg.half)
-    summary = {
-        "checkpoint": str(ckpt),
-        "sha256": sha,
-        "version": version,
-        "seconds": round(elapsed, 1),
-        "metrics": metrics,
-        "manifest_sha256": manifest_sha,
-    }
-    ev.save_json(summary, out / "summary.json")
-    if cfg.register:
-        summary["registered"] = register(ckpt)
-    return summary
-
-
-def _short(m: dict) -> dict:
-    return {k: m[k] for k in ("n", "accuracy", "macro_f1", "per_class") if k in m} | (
-        {"ece": m["ece"]} if "ece" in m else {}
-    )
-
-
-def register(checkpoint: str | Path) -> str:
-    """Record a checkpoint in the models table (and make it the active model)."""
-    from db.engine import session_scope
-    from db.migrate import ensure_schema
-    from db.service import register_model
-    from training.model.checkpoint import file_sha256, read_metadata
-
-    meta = read_metadata(checkpoint)
-    ensure_schema()
-    with session_scope() as s:
-        register_model(
-            s,
-            name=meta["name"],
-            version=meta["version"],
-            arch=meta["arch"],
-            path=str(Path(checkpoint).resolve()),
-            sha256=file_sha256(checkpoint),
-            classes=meta["classes"],
-            metrics=meta["metrics"],
-            activate=True,
-        )
-    return f"{meta['name']}:{meta['version']}"
-
-
-def config_json(cfg: RunConfig) -> str:
-    return json.dumps(asdict(cfg), indent=1)

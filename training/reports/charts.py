@@ -163,6 +163,23 @@ def confusion_png(
     return _save(fig, path)
 
 
+def curves_png(history: Sequence[dict], path: str | Path) -> Path | None:
+    """Loss (train, val) and accuracy/macro-F1 per epoch, from a run's history rows."""
+    if not history:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [r.get("epoch") for r in history]
+    for key, ax in (("train_loss", a1), ("val_loss", a1), ("train_acc", a2), ("val_acc", a2),
+                    ("val_macro_f1", a2)):  # fmt: skip
+        if all(isinstance(r.get(key), int | float) for r in history):
+            ax.plot(ep, [r[key] for r in history], label=key.replace("_", " "))
+    for ax in (a1, a2):
+        ax.set_xlabel("epoch")
+        ax.legend()
+    return _save(fig, path)
+
+
 def image_grid(
     rows: Sequence[tuple[str, Sequence[tuple[Image.Image | None, str]]]],
     path: str | Path,

@@ -145,20 +145,7 @@ def _curves_png(run: dict, out: Path) -> Path | None:
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
         return dst
-    h = run["history"]
-    if not h:
-        return None
-    plt = viz._plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    ep = [r.get("epoch") for r in h]
-    for key, ax in (("train_loss", a1), ("val_loss", a1), ("train_acc", a2), ("val_acc", a2),
-                    ("val_macro_f1", a2)):  # fmt: skip
-        if all(isinstance(r.get(key), int | float) for r in h):
-            ax.plot(ep, [r[key] for r in h], label=key.replace("_", " "))
-    for ax in (a1, a2):
-        ax.set_xlabel("epoch")
-        ax.legend()
-    return viz._save(fig, out / "curves.png")
+    return viz.curves_png(run["history"], out / "curves.png")
 
 
 def run_report(run_dir: str | Path, out: str | Path) -> Path:

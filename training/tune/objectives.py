@@ -36,18 +36,6 @@ class _LazyImages(dict):
         return self[sp]
 
 
-def run_config(conf: StudyConfig, **kw):
-    from training.fit.train import RunConfig
-
-    augment = conf.frozen_augment if conf.mode == "frozen" else conf.augment
-    return RunConfig(
-        data=conf.data, out=kw.pop("out", ""), arch=conf.arch, mode=conf.mode,
-        pretrained=conf.pretrained, augment=augment, aug_views=conf.aug_views,
-        balance=conf.balance, seed=conf.seed, split_seed=conf.split_seed, resize=conf.resize,
-        crop=conf.crop, **kw,
-    )  # fmt: skip
-
-
 def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> Path:
     """Compute (or find) the study's backbone features; return the bundle a trial loads.
 
@@ -59,7 +47,7 @@ def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> 
 
     from training.config import get_training_settings
     from training.data.dataset import load_split, manifest_sha256
-    from training.fit.train import _frozen_features
+    from training.data.features import frozen_features
     from training.model.factory import ARCHS, create_model
     from training.model.preprocess import PreprocessSpec
 
@@ -85,8 +73,10 @@ def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> 
     images = _LazyImages(ds, split, conf.resize, cache_dir)
     model = create_model(conf.arch, num_classes=len(ds.classes), pretrained=conf.pretrained)
     model = model.to(memory_format=torch.channels_last).eval()
-    rc = run_config(conf, cache_dir=str(cache_dir))
-    feats = _frozen_features(rc, model, images, spec, sha, conf.frozen_augment, views)
+    feats = frozen_features(
+        model, images, spec, arch=conf.arch, pretrained=conf.pretrained, manifest_sha256=sha,
+        augment=conf.frozen_augment, views=views, seed=conf.seed, cache_dir=cache_dir,
+    )  # fmt: skip
     bundle.parent.mkdir(parents=True, exist_ok=True)
     tmp = bundle.with_suffix(".tmp.npz")
     np.savez(

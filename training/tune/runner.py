@@ -31,7 +31,6 @@ from training.tune.objectives import (
     objective_finetune,
     objective_frozen,
     prepare_features,
-    run_config,
     study_features,
 )
 from training.tune.spaces import finetune_params, frozen_params
@@ -170,8 +169,21 @@ def run_one_trial(
     return {"status": "ran", "trial": t.number, "state": t.state.name, "value": t.value}
 
 
+def run_config(conf: StudyConfig, **kw):
+    """The :class:`~training.fit.run.RunConfig` of a study's configuration."""
+    from training.fit.run import RunConfig
+
+    augment = conf.frozen_augment if conf.mode == "frozen" else conf.augment
+    return RunConfig(
+        data=conf.data, out=kw.pop("out", ""), arch=conf.arch, mode=conf.mode,
+        pretrained=conf.pretrained, augment=augment, aug_views=conf.aug_views,
+        balance=conf.balance, seed=conf.seed, split_seed=conf.split_seed, resize=conf.resize,
+        crop=conf.crop, **kw,
+    )  # fmt: skip
+
+
 def run_config_from_study(study_name: str, *, out: str, url: str | None = None, **overrides):
-    """A :class:`~training.fit.train.RunConfig` with the best trial's parameters.
+    """A :class:`~training.fit.run.RunConfig` with the best trial's parameters.
 
     The configuration carries ``study`` (name, trial, value, storage), which the checkpoint's
     metadata records under ``training``.
