@@ -26,7 +26,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _normalise(url: str) -> str:
+def normalise_url(url: str) -> str:
+    """*url* with a bare ``postgresql://`` or ``postgres://`` given sortline's driver (psycopg 3)."""
     u = make_url(url)
     if u.drivername in ("postgresql", "postgres"):
         u = u.set(drivername="postgresql+psycopg")
@@ -35,7 +36,7 @@ def _normalise(url: str) -> str:
 
 def get_engine(url: str | None = None) -> Engine:
     """Return this process's engine for *url* (default: ``SORTLINE_DATABASE_URL``)."""
-    url = _normalise(url or get_db_settings().database_url)
+    url = normalise_url(url or get_db_settings().database_url)
     pid = os.getpid()
     cached = _engines.get(url)
     if cached is not None:

@@ -20,6 +20,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from sortline.names import CPU_QUEUE
+
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -45,7 +47,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     kind: Mapped[str] = mapped_column(String(16), default="bulk")  # bulk | stream
     source: Mapped[str] = mapped_column(Text, default="")
-    queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    queue: Mapped[str] = mapped_column(String(32), default=CPU_QUEUE)
     model_version: Mapped[str | None] = mapped_column(String(128))
     total: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)

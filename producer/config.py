@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from db.config import SortlineSettings, settings_getter
+from sortline.names import CPU_QUEUE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -11,7 +12,7 @@ class ProducerSettings(SortlineSettings):
     """How jobs are cut into tasks."""
 
     batch_size: int = 16
-    queue: str = "cpu"
+    queue: str = CPU_QUEUE
 
 
 @settings_getter

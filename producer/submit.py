@@ -16,11 +16,12 @@ from db.migrate import ensure_schema
 from db.service import create_job, get_job
 from producer.config import IMAGE_EXTENSIONS, get_producer_settings
 from sortline.errors import SortlineError
+from sortline.names import CLASSIFY_TASK, INFERENCE_QUEUES
 from worker.inputs import build_message, display_ref
 
 log = logging.getLogger(__name__)
 
-TASK = "worker.tasks.inference.classify_batch"
+TASK = CLASSIFY_TASK
 
 
 class NothingToDo(SortlineError, ValueError):
@@ -96,7 +97,7 @@ def _submit(items: list[dict], *, source: str, queue: str | None, batch_size: in
     s = get_producer_settings()
     queue = queue or s.queue
     batch_size = batch_size or s.batch_size
-    if queue not in ("cpu", "gpu"):
+    if queue not in INFERENCE_QUEUES:
         raise ValueError(f"queue must be cpu or gpu, not {queue!r}")
     if not items:
         raise NothingToDo("no images to submit")

@@ -11,11 +11,10 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init
 from kombu import Queue
 
+from sortline.names import CPU_QUEUE, QUEUES, TRAINING_QUEUE
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
-
-QUEUES = ("cpu", "gpu", "training")
 
 
 def make_app() -> Celery:
@@ -50,10 +49,10 @@ def make_app() -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_queues=[Queue(q) for q in QUEUES],
-        task_default_queue="cpu",
+        task_default_queue=CPU_QUEUE,
         task_routes={
-            "worker.tasks.inference.*": {"queue": "cpu"},
-            "worker.tasks.training.*": {"queue": "training"},
+            "worker.tasks.inference.*": {"queue": CPU_QUEUE},
+            "worker.tasks.training.*": {"queue": TRAINING_QUEUE},
         },
         worker_send_task_events=True,
         task_send_sent_event=True,

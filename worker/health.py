@@ -47,9 +47,10 @@ def check_database(url: str | None = None, timeout: float = 3.0) -> Check:
     from sqlalchemy.pool import NullPool
 
     from db.config import get_db_settings, mask_url
+    from db.engine import normalise_url
     from db.migrate import is_current
 
-    url = url or get_db_settings().database_url
+    url = normalise_url(url or get_db_settings().database_url)
     shown = mask_url(url)
     u = make_url(url)
     if u.drivername.startswith("sqlite"):
@@ -57,8 +58,6 @@ def check_database(url: str | None = None, timeout: float = 3.0) -> Check:
             return Check("database", False, f"{shown}: no such file; run `sortline db upgrade`")
         args = {}
     else:
-        if u.drivername in ("postgresql", "postgres"):
-            u = u.set(drivername="postgresql+psycopg")
         args = {"connect_timeout": max(1, int(timeout))}
     engine = create_engine(u, poolclass=NullPool, connect_args=args)
     try:
@@ -84,7 +83,12 @@ def check_model(*, registry: bool = True) -> Check:
     With *registry* false (the database is down) only the settings choose the file.
     """
     from training.config import DEFAULT_CHECKPOINT
-    from training.model.checkpoint import CheckpointError, file_sha256, model_version, read_metadata
+    from training.model.checkpoint import (
+        CheckpointError,
+        model_version,
+        read_metadata,
+        verify_sha256,
+    )
     from worker.config import get_worker_settings
     from worker.runtime import ModelChoice, choose_model
 
@@ -99,8 +103,10 @@ def check_model(*, registry: bool = True) -> Check:
         return Check("model", False, f"{e}; set SORTLINE_MODEL or bake the model into the image")
     except OSError as e:
         return Check("model", False, f"{choice.path}: {e}")
-    if choice.expected_sha256 and file_sha256(choice.path) != choice.expected_sha256:
-        return Check("model", False, f"{choice.path}: sha256 differs from the model registry")
+    try:
+        verify_sha256(choice.path, choice.expected_sha256)
+    except CheckpointError as e:
+        return Check("model", False, str(e))
     return Check("model", True, f"{choice.path} ({model_version(meta)})")
 
 

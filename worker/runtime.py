@@ -23,8 +23,13 @@ import numpy as np
 
 from sortline.errors import ConfigError
 from training.model.calibration import softmax
-from training.model.checkpoint import CheckpointError, file_sha256, model_version, read_metadata
-from training.model.preprocess import PreprocessSpec
+from training.model.checkpoint import (
+    CheckpointError,
+    model_version,
+    preprocess_spec,
+    read_metadata,
+    verify_sha256,
+)
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -128,11 +133,7 @@ class OnnxBackend:
 
         from training.config import get_training_settings
 
-        if expected_sha256 is not None and file_sha256(path) != expected_sha256:
-            raise CheckpointError(
-                f"{path}: sha256 does not match the registry; the file was changed after it "
-                "was registered"
-            )
+        verify_sha256(path, expected_sha256)
         cache = get_training_settings().cache_dir / "onnx"
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / ".lock", "w") as lock:  # one export even with many processes
@@ -156,12 +157,8 @@ def _export_in_subprocess(path: Path, cache: Path) -> Path:
 
     Keeping torch out of an ONNX Runtime worker saves about a gigabyte of resident memory.
     """
-    code = (
-        "import sys; from training.model.export import cached_onnx; "
-        "print(cached_onnx(sys.argv[1], sys.argv[2]))"
-    )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(path), str(cache)],
+        [sys.executable, "-m", "training.model.export", str(path), "--cache-dir", str(cache)],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
@@ -191,7 +188,7 @@ class Classifier:
         meta = read_metadata(self.path)
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
-        self.spec = PreprocessSpec.from_dict(meta["preprocess"])
+        self.spec = preprocess_spec(meta)
         self.temperature = float(meta.get("temperature", 1.0))
         self.version = model_version(meta)
         if runtime not in ("auto", "onnx", "torch"):
@@ -345,10 +342,3 @@ def get_batcher() -> MicroBatcher:
                 clf.predict, max_batch=s.max_batch, max_wait=s.max_wait_ms / 1000
             )
         return _batcher
-
-
-def reset_classifier() -> None:
-    """Forget the loaded model (tests, or after fork)."""
-    global _classifier, _batcher
-    _classifier = None
-    _batcher = None

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from sortline.errors import SortlineError
+from sortline.names import CPU_QUEUE, TRAINING_QUEUE
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,9 @@ def up(
     from db.migrate import ensure_schema
 
     ensure_schema()
-    started.append(_spawn("worker", worker_argv("cpu", concurrency)))
+    started.append(_spawn("worker", worker_argv(CPU_QUEUE, concurrency)))
     if training:
-        started.append(_spawn("training", worker_argv("training", 1)))
+        started.append(_spawn("training", worker_argv(TRAINING_QUEUE, 1)))
     if flower:
         argv, env = flower_argv(s.flower_port, "127.0.0.1")
         started.append(_spawn("flower", argv, env))

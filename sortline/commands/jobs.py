@@ -13,6 +13,7 @@ import click
 from db.engine import session_scope
 from db.service import get_job, label_counts, list_jobs, list_results
 from producer.submit import submit_bytes, submit_paths, wait_for_job
+from sortline.names import INFERENCE_QUEUES
 
 RESULT_FIELDS = (
     "position", "ref", "status", "label", "confidence", "error", "needs_review",
@@ -68,7 +69,9 @@ def _print_summary(job_id: str, as_json: bool) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders.")
 @click.option("--pattern", help="Only files whose name matches this glob (default: image files).")
-@click.option("--queue", type=click.Choice(["cpu", "gpu"]), help="Queue (default SORTLINE_QUEUE).")
+@click.option(
+    "--queue", type=click.Choice(INFERENCE_QUEUES), help="Queue (default SORTLINE_QUEUE)."
+)
 @click.option("--batch-size", type=click.IntRange(1, 512), help="Images per task message.")
 @click.option(
     "--bytes", "as_bytes", is_flag=True, help="Send image bytes, not paths ('-' = stdin)."
@@ -196,7 +199,9 @@ def results(job, label, min_confidence, max_confidence, errors, limit, follow, f
 @click.option(
     "--pattern", help="With --watch: only names matching this glob (default: image files)."
 )
-@click.option("--queue", type=click.Choice(["cpu", "gpu"]), help="Queue (default SORTLINE_QUEUE).")
+@click.option(
+    "--queue", type=click.Choice(INFERENCE_QUEUES), help="Queue (default SORTLINE_QUEUE)."
+)
 def stream(watch_dir: str | None, pattern: str | None, queue: str | None) -> None:
     """Submit images as they arrive: paths on stdin (one per line), or new files in --watch DIR.
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from sortline.cli import fail
+from sortline.names import QUEUES
 from worker import stack
 
 
@@ -29,7 +30,7 @@ def worker(
     queues: str, concurrency: int | None, max_tasks_per_child: int | None, loglevel: str
 ) -> None:
     """Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`)."""
-    bad = [q for q in queues.split(",") if q not in ("cpu", "gpu", "training")]
+    bad = [q for q in queues.split(",") if q not in QUEUES]
     if bad:
         raise click.BadParameter(f"unknown queue {bad[0]!r}; use cpu, gpu or training")
     if concurrency is None and queues in ("gpu", "training"):
@@ -91,7 +92,7 @@ def down() -> None:
     "--queue",
     "queues",
     multiple=True,
-    type=click.Choice(["cpu", "gpu", "training"]),
+    type=click.Choice(QUEUES),
     help="Some worker must consume this queue (repeatable).",
 )
 @click.option(

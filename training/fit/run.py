@@ -34,7 +34,7 @@ from training.fit.train import (
     wise_blend,
 )
 from training.model.calibration import calibration, expected_calibration_error, softmax
-from training.model.factory import ARCHS, create_model, head_module
+from training.model.factory import ARCHS, create_model, head_module, resolve_preprocess
 from training.model.preprocess import PreprocessSpec
 from training.reports.charts import confusion_png, curves_png
 
@@ -109,8 +109,7 @@ def load_data(cfg: RunConfig, out: Path) -> RunData:
     sha = write_manifest(ds, out)
     for f, why in ds.skipped:
         log.warning("skipped corrupt image %s: %s", f, why)
-    info = ARCHS[cfg.arch]
-    spec = PreprocessSpec(resize=cfg.resize, crop=cfg.crop, mean=info.mean, std=info.std)
+    spec = resolve_preprocess(cfg.arch, cfg.resize, cfg.crop)
     split = {sp: ds.split(sp) for sp in SPLITS}
     y = {sp: np.array([ds.label_index(s) for s in split[sp]], dtype=np.int64) for sp in split}
     images = {

@@ -83,6 +83,18 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], *, half: bool
     return file_sha256(path)
 
 
+def verify_sha256(path: str | Path, expected: str | None) -> None:
+    """Refuse a checkpoint whose bytes differ from the registry's sha256 (None: no check)."""
+    if expected is None:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: sha256 {actual[:12]}… does not match the registry's "
+            f"{expected[:12]}…; the file was changed after it was registered"
+        )
+
+
 def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None):
     """Build the model a checkpoint describes and load its weights; return (model, meta).
 
@@ -93,13 +105,7 @@ def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None):
     from training.model.factory import create_model
 
     meta = read_metadata(path)
-    if expected_sha256 is not None:
-        actual = file_sha256(path)
-        if actual != expected_sha256:
-            raise CheckpointError(
-                f"{path}: sha256 {actual[:12]}… does not match the registry's "
-                f"{expected_sha256[:12]}…; the file was changed after it was registered"
-            )
+    verify_sha256(path, expected_sha256)
     model = create_model(meta["arch"], num_classes=len(meta["classes"]), pretrained="none")
     try:
         state = load_file(str(path))

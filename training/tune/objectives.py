@@ -48,15 +48,13 @@ def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> 
     from training.config import get_training_settings
     from training.data.dataset import load_split, manifest_sha256
     from training.data.features import frozen_features
-    from training.model.factory import ARCHS, create_model
-    from training.model.preprocess import PreprocessSpec
+    from training.model.factory import create_model, resolve_preprocess
 
     cache_dir = Path(cache_dir or get_training_settings().cache_dir)
     t0 = time.perf_counter()
     ds = load_split(conf.data, seed=conf.split_seed)
     sha = manifest_sha256(ds)
-    info = ARCHS[conf.arch]
-    spec = PreprocessSpec(resize=conf.resize, crop=conf.crop, mean=info.mean, std=info.std)
+    spec = resolve_preprocess(conf.arch, conf.resize, conf.crop)
     views = conf.aug_views if (conf.mode == "frozen" and conf.frozen_augment != "none") else 0
     key = {
         "arch": conf.arch, "pretrained": conf.pretrained, "manifest_sha256": sha,
@@ -118,14 +116,12 @@ def _finetune_data(conf_json: str):
 
     from training.config import get_training_settings
     from training.data.dataset import load_resized, load_split
-    from training.model.factory import ARCHS
-    from training.model.preprocess import PreprocessSpec
+    from training.model.factory import resolve_preprocess
 
     conf = StudyConfig.from_attrs({"config": json.loads(conf_json)})
     cache_dir = Path(get_training_settings().cache_dir)
     ds = load_split(conf.data, seed=conf.split_seed)
-    info = ARCHS[conf.arch]
-    spec = PreprocessSpec(resize=conf.resize, crop=conf.crop, mean=info.mean, std=info.std)
+    spec = resolve_preprocess(conf.arch, conf.resize, conf.crop)
     out = {"spec": spec, "classes": ds.classes}
     for sp in ("train", "val"):
         samples = ds.split(sp)

@@ -34,10 +34,10 @@ def storage_url(url: str | None = None) -> str:
     """
     from sqlalchemy.engine import make_url
 
+    from db.engine import normalise_url
+
     explicit = url or get_tune_settings().tune_storage
-    u = make_url(explicit or get_db_settings().database_url)
-    if u.drivername in ("postgresql", "postgres"):
-        u = u.set(drivername="postgresql+psycopg")
+    u = make_url(normalise_url(explicit or get_db_settings().database_url))
     if not explicit:
         if u.drivername.startswith("postgresql") and "options" not in u.query:
             u = u.update_query_dict({"options": f"-csearch_path={OPTUNA_SCHEMA}"})

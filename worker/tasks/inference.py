@@ -10,6 +10,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from sortline.names import CLASSIFY_TASK
 from worker.app import app
 from worker.classify import classify_message, record_error_rows
 from worker.config import get_worker_settings
@@ -67,7 +68,7 @@ def forget_deliveries(task_id: str | None) -> None:
 
 
 @app.task(
-    name="worker.tasks.inference.classify_batch",
+    name=CLASSIFY_TASK,
     bind=True,
     acks_late=True,
     acks_on_timeout=False,  # over the hard time limit: requeued, and counted as a crash below

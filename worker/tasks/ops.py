@@ -11,11 +11,12 @@ import json
 import logging
 import time
 
+from sortline.names import PING_TASK
 from worker.app import app
 
 log = logging.getLogger(__name__)
 
-PING = "worker.tasks.ops.ping"
+PING = PING_TASK
 PING_KEY = "sortline:ping:"
 
 

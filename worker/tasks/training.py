@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 
+from sortline.names import TRAINING_QUEUE, TRIAL_TASK
 from training.config import get_tune_settings
 from worker.app import app
 
 log = logging.getLogger(__name__)
 
-TASK = "worker.tasks.training.run_trial"
+TASK = TRIAL_TASK
 _LIMIT = get_tune_settings().tune_time_limit
 
 
@@ -30,8 +31,7 @@ _LIMIT = get_tune_settings().tune_time_limit
 )
 def run_trial(self, message: dict) -> dict:
     """Run at most one trial of the study named in *message*; idempotent under redelivery."""
-    from training.tune.runner import run_one_trial
-    from training.tune.study import TuneError
+    from training.tune.runner import TuneError, run_one_trial
 
     if not isinstance(message, dict) or not isinstance(message.get("study"), str):
         log.error("rejected trial message (no study name): %r", message)
@@ -58,5 +58,5 @@ def enqueue_trials(study: str, *, data: str, arch: str, mode: str, n: int, first
     ids = []
     for slot in range(first_slot, first_slot + n):
         msg = {"study": study, "slot": slot, "data": data, "arch": arch, "mode": mode}
-        ids.append(worker_app.app.send_task(TASK, args=[msg], queue="training").id)
+        ids.append(worker_app.app.send_task(TASK, args=[msg], queue=TRAINING_QUEUE).id)
     return ids
