@@ -23,6 +23,13 @@ mode_option = click.option(
     show_default=True,
     help="frozen: linear head on cached backbone features; finetune: train the whole network.",
 )
+pretrained_option = click.option(
+    "--pretrained",
+    type=click.Choice(["auto", "offline", "hub", "none"]),
+    default="auto",
+    show_default=True,
+    help="Where ImageNet weights come from.",
+)
 checkpoint_option = click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),

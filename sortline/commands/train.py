@@ -9,7 +9,13 @@ from pathlib import Path
 import click
 
 from sortline.cli import fail
-from sortline.commands.options import arch_option, cache_dir_option, checkpoint_option, mode_option
+from sortline.commands.options import (
+    arch_option,
+    cache_dir_option,
+    checkpoint_option,
+    mode_option,
+    pretrained_option,
+)
 from training.data.augment import PRESETS
 
 
@@ -28,13 +34,7 @@ from training.data.augment import PRESETS
 )
 @arch_option
 @mode_option
-@click.option(
-    "--pretrained",
-    type=click.Choice(["auto", "offline", "hub", "none"]),
-    default="auto",
-    show_default=True,
-    help="Where ImageNet weights come from.",
-)
+@pretrained_option
 @click.option(
     "--epochs", type=click.IntRange(1), default=None, help="Epochs [frozen 15, finetune 10]."
 )

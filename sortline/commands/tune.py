@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sortline.commands.options import arch_option, mode_option
+from sortline.commands.options import arch_option, mode_option, pretrained_option
 from training.tune.study import PRUNERS
 
 
@@ -46,13 +46,7 @@ from training.tune.study import PRUNERS
     default=None,
     help="Epochs per trial [frozen 15]; finetune: the most the search may pick [10].",
 )
-@click.option(
-    "--pretrained",
-    type=click.Choice(["auto", "offline", "hub", "none"]),
-    default="auto",
-    show_default=True,
-    help="Where ImageNet weights come from.",
-)
+@pretrained_option
 @click.option("--wait", is_flag=True, help="Follow the study until it has its trials.")
 @click.option(
     "--plots",
