@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Print the cached ONNX export of a checkpoint.")
     ap.add_argument("checkpoint")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -202,14 +203,15 @@ def create_model(
     if pretrained == "offline":
         _load_by_position(model, _offline_state(name))
         log.info("loaded offline ImageNet weights into %s", info.hub_name)
-    model.reset_classifier(num_classes)
+    model.reset_classifier(num_classes)  # type: ignore[operator]  # timm models have it
     return model
 
 
 def split_backbone_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Parameters of the backbone and of the classifier head, for discriminative learning rates."""
     head_names = ("classifier.", "fc.")
-    backbone, head = [], []
+    backbone: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
     for n, p in model.named_parameters():
         (head if n.startswith(head_names) else backbone).append(p)
     return backbone, head
@@ -217,12 +219,12 @@ def split_backbone_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
 
 def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled backbone features (the classifier's input) for a batch."""
-    if hasattr(model, "forward_head"):  # timm
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-    if isinstance(model, TinyNet):
-        return model.features(x)
+    m: Any = model  # timm, torchvision and TinyNet models differ in their attributes
+    if hasattr(m, "forward_head"):  # timm
+        return m.forward_head(m.forward_features(x), pre_logits=True)
+    if isinstance(m, TinyNet):
+        return m.features(x)
     # torchvision resnet
-    m = model
     x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
     x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
     return torch.flatten(m.avgpool(x), 1)
@@ -230,8 +232,9 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def head_module(model: nn.Module) -> nn.Module:
     """The classifier head (maps pooled features to logits)."""
-    if hasattr(model, "get_classifier"):
-        return model.get_classifier()
-    if isinstance(model, TinyNet):
-        return model.classifier
-    return model.fc
+    m: Any = model
+    if hasattr(m, "get_classifier"):
+        return m.get_classifier()
+    if isinstance(m, TinyNet):
+        return m.classifier
+    return m.fc

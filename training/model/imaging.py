@@ -57,13 +57,12 @@ def decode_image(
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", draft)
         img.load()  # first frame of an animation
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
+        upright = _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except Exception as e:  # truncated or corrupt data, unsupported mode
         raise ImageError(f"corrupt or truncated image ({img.format}): {e}") from None
-    return img
+    return upright
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -53,9 +53,9 @@ def resize_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 def normalise(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """An RGB image (already at its final size) as a normalised float32 CHW array."""
-    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+    out = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
 def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
