@@ -57,3 +57,10 @@ def test_every_setting_is_in_the_readme_table(cls):
     for name in cls.model_fields:
         var = f"`SORTLINE_{name.upper()}`"
         assert f"| {var} |" in README, f"{var} ({cls.__name__}) missing from the README table"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_registry_short_help_is_the_commands_own(name):
+    """`sortline --help` lists the registry's text without importing commands: keep them equal."""
+    cmd = cli.get_command(click.Context(cli), name)
+    assert COMMANDS[name][1] == (cmd.help or "").strip().splitlines()[0]
