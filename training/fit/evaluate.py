@@ -11,10 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.model.calibration import (
-    expected_calibration_error,
-    softmax,
-)
+from training.model.calibration import calibration, expected_calibration_error, softmax
 from training.model.preprocess import PreprocessSpec, preprocess
 from training.reports.metrics import classification_metrics
 
@@ -69,6 +66,40 @@ def report_text(metrics: dict, classes: list[str]) -> str:
     lines.append(f"{'accuracy':>12} {'':>9} {'':>9} {metrics['accuracy']:9.3f} {metrics['n']:8d}")
     lines.append(f"{'macro f1':>12} {'':>9} {'':>9} {metrics['macro_f1']:9.3f} {metrics['n']:8d}")
     return "\n".join(lines) + "\n"
+
+
+def score_splits(
+    model: torch.nn.Module,
+    images: dict,
+    y: dict,
+    spec: PreprocessSpec,
+    classes: list[str],
+    *,
+    tta: bool = False,
+    robustness: bool = True,
+) -> dict:
+    """Temperature fitted on val; val and test figures (test ECE calibrated); robustness on test.
+
+    The one scoring of a model on its split, used by a training run and by ``sortline ship``.
+    """
+    val_logits = predict_logits(model, images["val"], spec)
+    cal = calibration(val_logits, y["val"])
+    test_logits = predict_logits(model, images["test"], spec)
+    test_m = classification_metrics(y["test"], test_logits.argmax(1), classes)
+    test_m["ece"] = expected_calibration_error(softmax(test_logits, cal["temperature"]), y["test"])
+    full = {
+        "val": classification_metrics(y["val"], val_logits.argmax(1), classes),
+        "test": test_m,
+        "calibration": cal,
+    }
+    if tta:
+        tl = predict_logits(model, images["test"], spec, tta=True)
+        full["test_flip_tta"] = classification_metrics(y["test"], tl.argmax(1), classes)
+    if robustness:
+        from training.fit.robustness import robustness_report
+
+        full["test_robustness"] = robustness_report(model, images["test"], y["test"], spec)
+    return full
 
 
 # ---------------------------------------------------------------- with a checkpoint

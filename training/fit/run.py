@@ -33,7 +33,6 @@ from training.fit.train import (
     train_frozen,
     wise_blend,
 )
-from training.model.calibration import calibration, expected_calibration_error, softmax
 from training.model.factory import ARCHS, create_model, head_module, resolve_preprocess
 from training.model.preprocess import PreprocessSpec
 from training.reports.charts import confusion_png, curves_png
@@ -179,22 +178,10 @@ def fine_tune(
 
 def evaluate_run(cfg: RunConfig, model: nn.Module, data: RunData) -> dict:
     """Calibrate on val, score val and (once) test, and the robustness check on test."""
-    classes, images, y, spec = data.classes, data.images, data.y, data.spec
-    val_logits = ev.predict_logits(model, images["val"], spec)
-    cal = calibration(val_logits, y["val"])
-    val_m = ev.classification_metrics(y["val"], val_logits.argmax(1), classes)
-    test_logits = ev.predict_logits(model, images["test"], spec)
-    test_m = ev.classification_metrics(y["test"], test_logits.argmax(1), classes)
-    test_m["ece"] = expected_calibration_error(softmax(test_logits, cal["temperature"]), y["test"])
-    full = {"val": val_m, "test": test_m, "calibration": cal}
-    if cfg.mode == "finetune" and cfg.finetune.tta:
-        tl = ev.predict_logits(model, images["test"], spec, tta=True)
-        full["test_flip_tta"] = ev.classification_metrics(y["test"], tl.argmax(1), classes)
-    if cfg.robustness:
-        from training.fit.robustness import robustness_report
-
-        full["test_robustness"] = robustness_report(model, images["test"], y["test"], spec)
-    return full
+    return ev.score_splits(
+        model, data.images, data.y, data.spec, data.classes,
+        tta=cfg.mode == "finetune" and cfg.finetune.tta, robustness=cfg.robustness,
+    )  # fmt: skip
 
 
 def short_metrics(m: dict) -> dict:

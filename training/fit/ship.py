@@ -17,7 +17,6 @@ import numpy as np
 from training.config import DEFAULT_CHECKPOINT
 from training.data.dataset import load_resized, read_manifest
 from training.fit import evaluate as ev
-from training.model.calibration import calibration, expected_calibration_error, softmax
 from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,34 +41,21 @@ def ship(
     model, _ = load_checkpoint(tmp)  # the float16 weights, back as float32
     spec = preprocess_spec(meta)
     classes = meta["classes"]
-    data = {}
+    images, y = {}, {}
     for sp in ("val", "test"):
         samples = ds.split(sp)
-        y = np.array([classes.index(s.label) for s in samples])
-        data[sp] = (load_resized(ds, samples, short_side=spec.resize, cache_dir=Path(cache_dir)), y)
-    val_logits = ev.predict_logits(model, data["val"][0], spec)
-    cal = calibration(val_logits, data["val"][1])
-    test_logits = ev.predict_logits(model, data["test"][0], spec)
-    metrics = dict(meta["metrics"])
-    metrics["val"] = ev.classification_metrics(data["val"][1], val_logits.argmax(1), classes)
-    metrics["test"] = ev.classification_metrics(data["test"][1], test_logits.argmax(1), classes)
-    metrics["test"]["ece"] = expected_calibration_error(
-        softmax(test_logits, cal["temperature"]), data["test"][1]
-    )
-    metrics["calibration"] = cal
+        y[sp] = np.array([classes.index(s.label) for s in samples])
+        images[sp] = load_resized(ds, samples, short_side=spec.resize, cache_dir=Path(cache_dir))
+    scored = ev.score_splits(model, images, y, spec, classes, robustness=robustness)
     for sp in ("val", "test"):
-        metrics[sp].pop("confusion", None)
-    if robustness:
-        from training.fit.robustness import robustness_report
-
-        metrics["test_robustness"] = robustness_report(
-            model, data["test"][0], data["test"][1], spec
-        )
-    elif "test_robustness" in metrics:
+        scored[sp].pop("confusion", None)
+    metrics = {**meta["metrics"], **scored}
+    if not robustness and "test_robustness" in metrics:
         metrics["test_robustness"] = {
             **metrics["test_robustness"],
             "weights": "float32 (the run's)",
         }
+    cal = scored["calibration"]
     meta = {
         **meta,
         "name": name,
