@@ -19,6 +19,7 @@ from training.data.dataset import load_resized, read_manifest
 from training.fit import evaluate as ev
 from training.model.calibration import calibration, expected_calibration_error, softmax
 from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec, save_checkpoint
+from training.reports.metrics import bootstrap_intervals
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ def ship(
     metrics = dict(meta["metrics"])
     metrics["val"] = ev.classification_metrics(data["val"][1], val_logits.argmax(1), classes)
     metrics["test"] = ev.classification_metrics(data["test"][1], test_logits.argmax(1), classes)
+    metrics["test"]["intervals"] = bootstrap_intervals(
+        data["test"][1], test_logits.argmax(1), classes
+    )
     metrics["test"]["ece"] = expected_calibration_error(
         softmax(test_logits, cal["temperature"]), data["test"][1]
     )
