@@ -196,6 +196,7 @@ def fine_tune(
         alpha, extra["wise_selection"] = choose_wise_alpha(
             model, zero_state, fp.wise_alphas, data.images["val"], data.y["val"], data.spec
         )
+        extra["wise_selection"]["alpha"] = alpha
     if alpha is not None and alpha < 1:
         model.load_state_dict(wise_blend(zero_state, model.state_dict(), alpha))
     extra["wise_alpha"] = alpha
