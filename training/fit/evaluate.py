@@ -36,7 +36,8 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits (N, C) for uint8 HWC arrays or PIL images through the eval transform.
 
-    Runs on the device *model* is on. With *tta*, the logits of the image and its horizontal mirror are averaged.
+    Runs on the device *model* is on. With *tta*, the logits of the image and its horizontal
+    mirror are averaged.
     """
     model.eval()
     fn = transform or (lambda im: preprocess(im, spec))

@@ -23,7 +23,6 @@ from training.data.dataset import Dataset, load_resized, load_split, write_manif
 from training.data.features import frozen_features, seed_everything
 from training.fit import evaluate as ev
 from training.fit.train import (
-    DEVICES,
     EpochCallback,
     Features,
     FinetuneParams,
@@ -88,8 +87,6 @@ class RunConfig:
         if self.mode not in ("frozen", "finetune"):
             raise ConfigError(f"mode must be frozen or finetune, not {self.mode!r}")
         check_balance(self.balance)
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.teachers and self.mode != "finetune":
             raise ConfigError("distilling from teachers needs --mode finetune")
         if self.arch not in ARCHS:
