@@ -147,7 +147,7 @@ def run_stage(stage: Stage, args, teachers: list[str], end: float, timing: dict)
         "epochs_run": len(history),
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(epoch_s, 2),
-        "device": summary["device"],
+        "ran_on": summary["ran_on"],
         "wise_alpha": m.get("wise_selection", {}).get("alpha"),
         "val": {k: m["val"][k] for k in ("accuracy", "macro_f1")},
         "test": {k: m["test"][k] for k in ("accuracy", "macro_f1", "intervals", "ece")},
@@ -157,7 +157,7 @@ def run_stage(stage: Stage, args, teachers: list[str], end: float, timing: dict)
         stage.result["test_robustness_mean"] = m["test_robustness"]["mean_corrupted"]
     t = stage.result["test"]
     say(
-        f"{stage.name}: done in {seconds:.0f} s on {summary['device']}; val macro-F1 "
+        f"{stage.name}: done in {seconds:.0f} s on {summary['ran_on']}; val macro-F1 "
         f"{stage.result['val']['macro_f1']:.4f}; test acc {t['accuracy']:.4f} "
         f"{t['intervals']['accuracy']}, macro-F1 {t['macro_f1']:.4f} {t['intervals']['macro_f1']}"
     )

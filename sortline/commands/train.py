@@ -235,7 +235,7 @@ def train(
             f"macro-F1 {r['macro_f1']:.4f}"
         )
     click.echo(
-        f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s on {summary['device']})"
+        f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s on {summary['ran_on']})"
     )
     if summary.get("registered"):
         click.echo(f"registered as {summary['registered']}")

@@ -157,5 +157,5 @@ def test_finetune_on_cuda_in_bf16(tmp_path):
         cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     summary = train(cfg)
-    assert summary["device"].startswith("cuda (")
+    assert summary["ran_on"].startswith("cuda (")
     assert summary["metrics"]["test"]["n"] > 0

@@ -38,7 +38,7 @@ def test_every_stage_writes_its_run_folder(smoke):
         assert (out / name / "model.safetensors").is_file() and (
             out / name / "metrics.json"
         ).is_file()
-        assert stage["device"].startswith("cpu") and stage["epochs_run"] >= 1
+        assert stage["ran_on"].startswith("cpu") and stage["epochs_run"] >= 1
         ci = stage["test"]["intervals"]
         assert ci["accuracy"][0] <= stage["test"]["accuracy"] <= ci["accuracy"][1]
 

@@ -256,7 +256,7 @@ def save_run_checkpoint(
     metrics: dict,
     seconds: float,
     out: Path,
-    device: str = "cpu",
+    ran_on: str = "cpu",
 ) -> dict:
     """Write ``model.safetensors`` with its metadata and ``summary.json``; return the summary."""
     from training.model.checkpoint import save_checkpoint
@@ -271,7 +271,7 @@ def save_run_checkpoint(
         "temperature": metrics["calibration"]["temperature"],
         "metrics": metrics,
         "manifest_sha256": data.manifest_sha256,
-        "training": {**asdict(cfg), "seconds": round(seconds, 1), "device": device},
+        "training": {**asdict(cfg), "seconds": round(seconds, 1), "ran_on": ran_on},
     }
     ckpt = out / "model.safetensors"
     sha = save_checkpoint(ckpt, model, meta, half=cfg.half)
@@ -280,7 +280,7 @@ def save_run_checkpoint(
         "sha256": sha,
         "version": version,
         "seconds": round(seconds, 1),
-        "device": device,
+        "ran_on": ran_on,
         "metrics": metrics,
         "manifest_sha256": data.manifest_sha256,
     }
