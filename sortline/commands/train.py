@@ -73,6 +73,28 @@ from training.data.augment import PRESETS
     help="finetune: WiSE-FT weight of the fine-tuned model (else chosen on val among 0.5-1).",
 )
 @click.option("--tta/--no-tta", default=False, help="finetune: also report flip-TTA test figures.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train: cuda (bf16 autocast, DataLoader workers), cpu, or auto (the GPU if any).",
+)
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    type=click.Path(exists=True),
+    metavar="RUN",
+    help="finetune: distil from this run folder's model (repeat for an ensemble; same split).",
+)
+@click.option(
+    "--distill-weight",
+    type=click.FloatRange(0, 1),
+    default=0.7,
+    show_default=True,
+    help="With --teacher: weight of the teachers' probabilities against the labels.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training run.")
 @click.option(
     "--split-seed",
@@ -112,6 +134,9 @@ def train(
     ema,
     wise_alpha,
     tta,
+    device,
+    teachers,
+    distill_weight,
     seed,
     split_seed,
     out,
@@ -147,7 +172,9 @@ def train(
         out or settings.runs_dir / f"{arch}-{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     )
     frozen = FrozenParams(batch_size=batch_size)
-    ft = FinetuneParams(batch_size=batch_size, ema_decay=ema, tta=tta)
+    ft = FinetuneParams(
+        batch_size=batch_size, ema_decay=ema, tta=tta, distill_weight=distill_weight
+    )
     if mode == "frozen":
         frozen = replace(
             frozen, **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
@@ -179,9 +206,11 @@ def train(
         half=half,
         register=not no_register,
         cache_dir=str(settings.cache_dir),
+        device=device,
+        teachers=tuple(teachers),
     )
     if study_cfg is not None:
-        cfg = replace(study_cfg, out=str(out))
+        cfg = replace(study_cfg, out=str(out), device=device, teachers=tuple(teachers))
         o = cfg.study
         click.echo(f"study {o['name']}: best trial {o['trial']} (val macro-F1 {o['value']:.4f})")
 
@@ -205,7 +234,9 @@ def train(
             f"robustness (test, mean over corruptions): accuracy {r['accuracy']:.4f}  "
             f"macro-F1 {r['macro_f1']:.4f}"
         )
-    click.echo(f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s)")
+    click.echo(
+        f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s on {summary['ran_on']})"
+    )
     if summary.get("registered"):
         click.echo(f"registered as {summary['registered']}")
 
@@ -244,15 +275,23 @@ def _config_from_study(study: str, **run_options):
 def evaluate(checkpoint, data, as_json) -> None:
     """Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."""
     from training.fit.evaluate import evaluate_checkpoint, report_text
+    from training.reports.metrics import with_interval
 
     m = evaluate_checkpoint(checkpoint, data)
     if as_json:
-        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion")
+        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion",
+                "intervals")  # fmt: skip
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
         return
     classes = list(m["per_class"])
     click.echo(f"model {m['model']} on {data}")
     click.echo(report_text(m, classes), nl=False)
+    ci = m["intervals"]
+    click.echo(
+        f"bootstrap {ci['level']:.0%} intervals ({ci['resamples']} resamples): "
+        f"accuracy {with_interval(m['accuracy'], ci['accuracy'])}, "
+        f"macro-F1 {with_interval(m['macro_f1'], ci['macro_f1'])}"
+    )
     click.echo(f"expected calibration error (calibrated): {m['ece']:.4f}")
     for s in m["skipped"]:
         click.echo(f"skipped {s['file']}: {s['reason']}", err=True)

@@ -187,6 +187,9 @@ def test_frozen_run_writes_its_folder(frozen_run):
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["n"] > 0 and set(m["test"]["per_class"]) == set(CLASSES)
     assert m["calibration"]["split"] == "val" and m["calibration"]["temperature"] > 0
+    ci = m["test"]["intervals"]  # the bootstrap 95% intervals the model card reports
+    assert ci["accuracy"][0] <= m["test"]["accuracy"] <= ci["accuracy"][1]
+    assert set(ci["per_class_f1"]) == set(CLASSES)
 
 
 def test_checkpoint_round_trip(frozen_run):

@@ -31,6 +31,7 @@ def test_train_shows_progress_per_epoch(trained):
     assert "epoch   1" in trained["output"] and "epoch   2" in trained["output"]
     assert "test: accuracy" in trained["output"]
     assert (trained["out"] / "model.safetensors").exists()
+    assert " s on cpu (" in trained["output"]  # where it trained
 
 
 def test_evaluate_json(trained):
@@ -44,6 +45,15 @@ def test_evaluate_json(trained):
     assert set(m["per_class"]) == set(CLASSES)
     assert {"precision", "recall", "f1"} <= set(m["per_class"]["glass"])
     assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    ci = m["intervals"]
+    assert ci["level"] == 0.95 and ci["resamples"] == 1000
+    assert ci["accuracy"][0] <= m["accuracy"] <= ci["accuracy"][1]
+    assert ci["macro_f1"][0] <= m["macro_f1"] <= ci["macro_f1"][1]
+    assert set(ci["per_class_f1"]) == set(CLASSES)
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"])]
+    )
+    assert r.exit_code == 0 and "bootstrap 95% intervals (1000 resamples): accuracy" in r.output
 
 
 def test_predict_json_and_grid(trained, tmp_path):
