@@ -288,6 +288,61 @@ def wise_blend(zero: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], alpha
     }
 
 
+def _optimizer(model: nn.Module, params: FinetuneParams, n_train: int):
+    """AdamW with a lower backbone learning rate; linear warm-up, then a cosine per step."""
+    backbone, head = split_backbone_head(model)
+    opt = torch.optim.AdamW(
+        [{"params": backbone, "lr": params.backbone_lr}, {"params": head, "lr": params.lr}],
+        weight_decay=params.weight_decay,
+    )
+    steps_per_epoch = math.ceil(n_train / params.batch_size)
+    total = params.epochs * steps_per_epoch
+    warm = int(params.warmup_epochs * steps_per_epoch)
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader,
+    opt,
+    sched,
+    loss_fn: nn.Module,
+    *,
+    ema: _EMA | None,
+    teacher: Teacher | None,
+    distill_weight: float,
+) -> tuple[float, float]:
+    """One pass over *loader* (bf16 autocast on CUDA); return the mean loss and accuracy."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    tot, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if teacher is not None:
+                w = distill_weight
+                loss = (1 - w) * loss + w * _soft_cross_entropy(logits, teacher(x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if ema:
+            ema.update(model)
+        tot += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return tot / n, correct / n
+
+
 def train_finetune(
     model: nn.Module,
     train_images: Sequence[np.ndarray],
@@ -318,21 +373,7 @@ def train_finetune(
     data = _Augmented(train_images, y_train, aug)
     loader_gen = torch.Generator().manual_seed(params.seed)  # keeps the global RNG's stream
     model = model.to(memory_format=torch.channels_last)
-    backbone, head = split_backbone_head(model)
-    opt = torch.optim.AdamW(
-        [{"params": backbone, "lr": params.backbone_lr}, {"params": head, "lr": params.lr}],
-        weight_decay=params.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(y_train) / params.batch_size)
-    total = params.epochs * steps_per_epoch
-    warm = int(params.warmup_epochs * steps_per_epoch)
-
-    def lr_lambda(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    opt, sched = _optimizer(model, params, len(y_train))
     loss_fn = _loss_fn(y_train, num_classes, params.balance, params.label_smoothing).to(device)
     ema = _EMA(model, params.ema_decay) if params.ema_decay > 0 else None
     history = []
@@ -351,29 +392,14 @@ def train_finetune(
         loader = torch.utils.data.DataLoader(
             data, batch_sampler=batches, num_workers=workers, generator=loader_gen, pin_memory=cuda
         )
-        tot, correct, n = 0.0, 0, 0
-        for x, y in loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x)
-                loss = loss_fn(logits, y)
-                if teacher is not None:
-                    w = params.distill_weight
-                    loss = (1 - w) * loss + w * _soft_cross_entropy(logits, teacher(x))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema:
-                ema.update(model)
-            tot += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
+        train_loss, train_acc = _train_epoch(
+            model, loader, opt, sched, loss_fn, ema=ema, teacher=teacher,
+            distill_weight=params.distill_weight,
+        )  # fmt: skip
         scored = ema.shadow if ema else model
         val_logits = ev.predict_logits(scored, val_images, spec, tta=params.tta)
         rec = _val_record(
-            epoch, tot / n, correct / n, val_logits, y_val, num_classes, time.perf_counter() - t0
+            epoch, train_loss, train_acc, val_logits, y_val, num_classes, time.perf_counter() - t0
         )
         history.append(rec)
         log.info("epoch %d: %s", epoch, rec)
