@@ -64,7 +64,7 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
         return 0
 
     clf = get_classifier()
-    with get_batcher() as batcher:
+    with get_batcher(clf) as batcher:
         rows = _classify_items(todo, clf, batcher, worker=worker)
     now = time.time()
     for r in rows:

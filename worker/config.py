@@ -17,6 +17,7 @@ class WorkerSettings(SortlineSettings):
 
     broker_url: str = "redis://localhost:6379/0"
     model: str = ""  # checkpoint path; empty: the active registered model, else the shipped one
+    model_check_interval: float = 5.0  # seconds between looks at the registry's active model
     device: str = "auto"  # auto | cpu | cuda
     runtime: str = "auto"  # auto (ONNX Runtime on CPU, PyTorch on CUDA) | onnx | torch
     max_batch: int = 8  # micro-batching: images per forward pass at most

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class ModelChoice:
     path: Path
     expected_sha256: str | None
+    from_registry: bool = field(default=True, compare=False)  # False: the registry was unreadable
 
 
 def choose_model() -> ModelChoice:
@@ -64,6 +65,7 @@ def choose_model() -> ModelChoice:
     except Exception as e:  # no schema yet: fall back to the settings alone
         log.warning("model registry not readable (%s); using the configured checkpoint", e)
         path = Path(s.model) if s.model else Path(DEFAULT_CHECKPOINT)
+        return ModelChoice(path=path, expected_sha256=None, from_registry=False)
     return ModelChoice(path=path, expected_sha256=expected)
 
 
@@ -203,7 +205,13 @@ class Classifier:
             self.backend = OnnxBackend(self.path, expected_sha256)
         else:
             self.backend = TorchBackend(self.path, expected_sha256, device)
+        self.batcher: MicroBatcher | None = None  # made by get_batcher on first use
         log.info("loaded %s (%s) with %s", self.version, self.path, self.backend.name)
+
+    def close(self) -> None:
+        """Let this model go once the tasks using it are done (its batcher thread ends)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (temperature-calibrated) for a batch of preprocessed arrays."""
@@ -245,8 +253,10 @@ class MicroBatcher:
         self._cv = threading.Condition()
         self._pending: list[tuple[np.ndarray, Future, float]] = []
         self._active = 0
+        self._closed = False
         self.batch_sizes: list[int] = []
-        threading.Thread(target=self._loop, name="sortline-batcher", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name="sortline-batcher", daemon=True)
+        self._thread.start()
 
     def __enter__(self) -> MicroBatcher:
         with self._cv:
@@ -258,10 +268,18 @@ class MicroBatcher:
             self._active -= 1
             self._cv.notify_all()
 
+    def close(self) -> None:
+        """Stop the batching thread once no task uses this batcher any more."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
     def predict(self, arrays: np.ndarray) -> np.ndarray:
         """Probabilities for *arrays*, computed in a shared batch."""
         fut: Future = Future()
         with self._cv:
+            if self._closed and not self._thread.is_alive():  # a task that raced a model switch
+                return self._predict(arrays)
             self._pending.append((arrays, fut, time.monotonic()))
             self._cv.notify_all()
         return fut.result()
@@ -278,6 +296,8 @@ class MicroBatcher:
         while True:
             with self._cv:
                 while not self._pending:
+                    if self._closed and self._active == 0:
+                        return
                     self._cv.wait()
                 while not self._ready():
                     self._cv.wait(
@@ -315,40 +335,56 @@ class MicroBatcher:
 
 _lock = threading.Lock()
 _classifier: Classifier | None = None
-_batcher: MicroBatcher | None = None
+_choice: ModelChoice | None = None
+_checked_at = 0.0
 
 
 def get_classifier() -> Classifier:
-    """This process's classifier, created on first use."""
-    global _classifier
+    """This process's classifier: loaded on first use, and again once the model chosen changes.
+
+    The registry is asked at most every ``SORTLINE_MODEL_CHECK_INTERVAL`` seconds (before a
+    task), so a newly activated model is picked up without a restart and loaded once per
+    process; tasks already running finish with the model they started with.
+    """
+    global _classifier, _choice, _checked_at
+    s = get_worker_settings()
     with _lock:
-        if _classifier is None:
-            s = get_worker_settings()
-            choice = choose_model()
+        now = time.monotonic()
+        if _classifier is not None and now - _checked_at < s.model_check_interval:
+            return _classifier
+        _checked_at = now
+        choice = choose_model()
+        if _classifier is not None and not choice.from_registry:
+            return _classifier  # a database hiccup is no reason to switch models
+        if _classifier is None or choice != _choice:
+            old = _classifier
             _classifier = Classifier(
                 choice.path,
                 expected_sha256=choice.expected_sha256,
                 device=s.device,
                 runtime=s.runtime,
             )
+            _choice = choice
+            if old is not None:
+                log.info("switched from %s to %s", old.version, _classifier.version)
+                old.close()
         return _classifier
 
 
-def get_batcher() -> MicroBatcher:
-    """This process's micro-batcher around :func:`get_classifier`."""
-    global _batcher
-    clf = get_classifier()
+def get_batcher(clf: Classifier | None = None) -> MicroBatcher:
+    """The micro-batcher around *clf* (default: this process's classifier)."""
+    clf = clf or get_classifier()
     with _lock:
-        if _batcher is None:
+        if clf.batcher is None:
             s = get_worker_settings()
-            _batcher = MicroBatcher(
+            clf.batcher = MicroBatcher(
                 clf.predict, max_batch=s.max_batch, max_wait=s.max_wait_ms / 1000
             )
-        return _batcher
+        return clf.batcher
 
 
 def reset_classifier() -> None:
     """Forget the loaded model (tests, or after fork)."""
-    global _classifier, _batcher
+    global _classifier, _choice
     _classifier = None
-    _batcher = None
+    _choice = None

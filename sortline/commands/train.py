@@ -95,6 +95,11 @@ from training.data.augment import PRESETS
 @click.option(
     "--no-register", is_flag=True, help="Do not record the checkpoint in the models table."
 )
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="Make the registered model the active one (refused below the active one's val macro-F1).",
+)
 @click.option("--no-robustness", is_flag=True, help="Skip the robustness check at the end.")
 def train(
     data,
@@ -119,6 +124,7 @@ def train(
     version,
     half,
     no_register,
+    activate,
     no_robustness,
 ) -> None:
     """Train a classifier on an ImageFolder and write a run folder with its checkpoint.
@@ -133,6 +139,8 @@ def train(
     from training.fit.run import train as run_training
     from training.fit.train import FinetuneParams, FrozenParams
 
+    if activate and no_register:
+        raise click.UsageError("--activate needs the model registered; drop --no-register")
     settings = get_training_settings()
     study_cfg = None
     if from_study:
@@ -207,7 +215,11 @@ def train(
         )
     click.echo(f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s)")
     if summary.get("registered"):
-        click.echo(f"registered as {summary['registered']}")
+        click.echo(f"registered as {summary['registered']} (a candidate)")
+        if activate:
+            from sortline.commands.models import activate as activate_model
+
+            click.echo(activate_model(summary["registered"]))
 
 
 # what a study decides; `train --from-study` refuses them on the command line

@@ -11,8 +11,8 @@ from PIL import Image
 CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
 
 
-def tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
-    """Write a seeded 'tiny' model checkpoint with the six TrashNet classes."""
+def tiny_checkpoint(path: Path, *, seed: int = 0, metrics: dict | None = None) -> Path:
+    """Write a seeded 'tiny' model checkpoint with the six TrashNet classes (version = seed)."""
     import torch
 
     from training.model.checkpoint import save_checkpoint
@@ -31,6 +31,7 @@ def tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
             "arch": "tiny",
             "classes": CLASSES,
             "preprocess": spec.to_dict(),
+            "metrics": metrics or {},
         },
     )
     return path

@@ -259,7 +259,10 @@ def save_run_checkpoint(
 
 
 def register(checkpoint: str | Path) -> str:
-    """Record a checkpoint in the models table (and make it the active model)."""
+    """Record a checkpoint in the models table as a candidate; return its ``NAME:VERSION``.
+
+    The active model is unchanged: ``sortline models activate`` (or ``--activate``) promotes.
+    """
     from db.engine import session_scope
     from db.migrate import ensure_schema
     from db.service import register_model
@@ -276,8 +279,7 @@ def register(checkpoint: str | Path) -> str:
             path=str(Path(checkpoint).resolve()),
             sha256=file_sha256(checkpoint),
             classes=meta["classes"],
-            metrics=meta["metrics"],
-            activate=True,
+            metrics=meta.get("metrics", {}),
         )
     return f"{meta['name']}:{meta['version']}"
 
