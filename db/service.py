@@ -170,6 +170,7 @@ def list_results(
     status: str | None = None,
     min_confidence: float | None = None,
     max_confidence: float | None = None,
+    needs_review: bool | None = None,
     after_id: int | None = None,
     limit: int | None = None,
 ) -> Sequence[Result]:
@@ -183,6 +184,8 @@ def list_results(
         q = q.where(Result.confidence >= min_confidence)
     if max_confidence is not None:
         q = q.where(Result.confidence <= max_confidence)
+    if needs_review is not None:
+        q = q.where(Result.needs_review.is_(needs_review))
     if after_id is not None:  # rows written since an earlier read, in the order written
         q = q.where(Result.id > after_id).order_by(Result.id)
     else:

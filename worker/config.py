@@ -30,6 +30,7 @@ class WorkerSettings(SortlineSettings):
     task_max_retries: int = 5
     torch_threads: int = 0  # 0: the worker's share of the cores
     review_threshold: float = 0.6
+    unfamiliar_threshold: float | None = None  # None: the threshold stored in the checkpoint
     home: str = ".sortline"  # logs and pid files of `sortline up`
     flower_port: int = 5555
     flower_user: str = ""

@@ -94,9 +94,15 @@ class TorchBackend:
     def __init__(self, path: Path, expected_sha256: str | None, device: str):
         import torch
 
-        from training.model.checkpoint import load_checkpoint
+        from training.model.checkpoint import file_sha256
+        from training.model.export import scored
 
-        model, _ = load_checkpoint(path, expected_sha256=expected_sha256)
+        if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+            raise CheckpointError(
+                f"{path}: sha256 does not match the registry; the file was changed after it "
+                "was registered"
+            )
+        model, _ = scored(path)
         self.device = torch.device(resolve_device(device))
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
@@ -105,7 +111,8 @@ class TorchBackend:
             model = model.half().to(self.device, memory_format=torch.channels_last)
         self.model = model.eval()
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Logits, then the unfamiliarity scores if the checkpoint has its statistics."""
         import torch
 
         with torch.inference_mode():
@@ -116,7 +123,9 @@ class TorchBackend:
             )
             if self.device.type == "cuda":
                 x = x.half()
-            return self.model(x).float().cpu().numpy()
+            out = self.model(x)
+            out = out if isinstance(out, tuple) else (out,)
+            return [t.float().cpu().numpy() for t in out]
 
 
 class OnnxBackend:
@@ -149,8 +158,9 @@ class OnnxBackend:
         )
         self.input = self.session.get_inputs()[0].name
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: np.ascontiguousarray(batch)})[0]
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Logits, then the unfamiliarity scores if the checkpoint has its statistics."""
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch)})
 
 
 def _export_in_subprocess(path: Path, cache: Path) -> Path:
@@ -196,6 +206,9 @@ class Classifier:
         self.spec = PreprocessSpec.from_dict(meta["preprocess"])
         self.temperature = float(meta.get("temperature", 1.0))
         self.version = model_version(meta)
+        override = get_worker_settings().unfamiliar_threshold
+        fitted = (meta.get("unfamiliarity") or {}).get("threshold")
+        self.unfamiliar_threshold: float | None = override if override is not None else fitted
         if runtime not in ("auto", "onnx", "torch"):
             raise ConfigError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
         device = resolve_device(device)
@@ -214,8 +227,14 @@ class Classifier:
             self.batcher.close()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (temperature-calibrated) for a batch of preprocessed arrays."""
-        return softmax(self.backend.logits(batch), self.temperature).astype(np.float32)
+        """Calibrated class probabilities, then one more column: the unfamiliarity score.
+
+        The score is NaN for a checkpoint without unfamiliarity statistics.
+        """
+        out = self.backend.outputs(batch)
+        probs = softmax(out[0], self.temperature)
+        score = out[1] if len(out) > 1 else np.full(len(probs), np.nan)
+        return np.concatenate([probs, score[:, None]], axis=1).astype(np.float32)
 
 
 def resolve_device(device: str) -> str:

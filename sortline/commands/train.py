@@ -257,15 +257,21 @@ def evaluate(checkpoint, data, as_json) -> None:
     """Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."""
     from training.fit.evaluate import evaluate_checkpoint, report_text
 
-    m = evaluate_checkpoint(checkpoint, data)
+    m = evaluate_checkpoint(checkpoint, data, **_review_settings())
     if as_json:
-        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion")
+        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion",
+                "review_threshold", "unfamiliar_threshold", "unfamiliar_rate",
+                "needs_review_rate", "confident_error_rate")  # fmt: skip
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
         return
     classes = list(m["per_class"])
     click.echo(f"model {m['model']} on {data}")
     click.echo(report_text(m, classes), nl=False)
     click.echo(f"expected calibration error (calibrated): {m['ece']:.4f}")
+    click.echo(
+        f"flagged for review {m['needs_review_rate']:.1%} (unfamiliar {m['unfamiliar_rate']:.1%});"
+        f" confident errors (wrong, not flagged) {m['confident_error_rate']:.1%}"
+    )
     for s in m["skipped"]:
         click.echo(f"skipped {s['file']}: {s['reason']}", err=True)
 
@@ -288,7 +294,7 @@ def predict(images, checkpoint, grid, as_json) -> None:
     missing = [str(p) for p in images if not p.exists()]
     if missing:
         fail(f"no such file: {', '.join(missing)}")
-    results = predict_files(images, checkpoint)
+    results = predict_files(images, checkpoint, **_review_settings())
     failed = 0
     for r in results:
         if "error" in r:
@@ -299,11 +305,12 @@ def predict(images, checkpoint, grid, as_json) -> None:
                 click.echo(f"{r['file']}: error: {r['error']}", err=True)
             continue
         if as_json:
-            click.echo(
-                json.dumps({k: r[k] for k in ("file", "label", "confidence", "probabilities")})
-            )
+            keep = ("file", "label", "confidence", "probabilities", "unfamiliarity", "unfamiliar",
+                    "needs_review")  # fmt: skip
+            click.echo(json.dumps({k: r[k] for k in keep}))
         else:
-            click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%})")
+            note = " unfamiliar: review" if r["unfamiliar"] else ""
+            click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%}){note}")
     if grid:
         ok = [r for r in results if "error" not in r]
         gallery([(r["image"], f"{r['label']} {r['confidence']:.0%}") for r in ok], grid, cols=4)
@@ -410,6 +417,14 @@ def ship(
         robustness=not no_robustness,
     )
     click.echo(json.dumps(res, indent=1))
+
+
+def _review_settings() -> dict:
+    """The review thresholds the workers use (SORTLINE_REVIEW/UNFAMILIAR_THRESHOLD)."""
+    from worker.config import get_worker_settings
+
+    s = get_worker_settings()
+    return {"review_threshold": s.review_threshold, "unfamiliar_override": s.unfamiliar_threshold}
 
 
 def _cache(cache_dir: Path | None) -> Path:

@@ -198,6 +198,21 @@ def evaluate_run(cfg: RunConfig, model: nn.Module, data: RunData) -> dict:
     return full
 
 
+def fit_unfamiliarity(
+    model: nn.Module, images: dict[str, list], y: dict[str, np.ndarray], spec: PreprocessSpec
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Unfamiliarity statistics of *model*'s features on train, threshold flagging 5% of val."""
+    from training.data.features import extract
+    from training.model import unfamiliarity
+
+    train_x = extract(model, images["train"], spec)
+    val_x = extract(model, images["val"], spec)
+    stats, threshold = unfamiliarity.fit(train_x, y["train"], val_x)
+    info = {"method": "mahalanobis", "threshold": threshold,
+            "val_flagged": unfamiliarity.VAL_FLAGGED, "n_train": len(train_x)}  # fmt: skip
+    return stats, info
+
+
 def short_metrics(m: dict) -> dict:
     """A split's headline figures (no confusion matrix) as stored in the checkpoint."""
     keep = ("n", "accuracy", "macro_f1", "per_class", "ece")
@@ -227,7 +242,13 @@ def write_run_folder(out: Path, data: RunData, full: dict, histories: dict[str, 
 
 
 def save_run_checkpoint(
-    cfg: RunConfig, model: nn.Module, data: RunData, metrics: dict, seconds: float, out: Path
+    cfg: RunConfig,
+    model: nn.Module,
+    data: RunData,
+    metrics: dict,
+    seconds: float,
+    out: Path,
+    unfamiliarity: tuple[dict[str, np.ndarray], dict] | None = None,
 ) -> dict:
     """Write ``model.safetensors`` with its metadata and ``summary.json``; return the summary."""
     from training.model.checkpoint import save_checkpoint
@@ -244,8 +265,11 @@ def save_run_checkpoint(
         "manifest_sha256": data.manifest_sha256,
         "training": {**asdict(cfg), "seconds": round(seconds, 1)},
     }
+    stats = None
+    if unfamiliarity is not None:
+        stats, meta["unfamiliarity"] = unfamiliarity
     ckpt = out / "model.safetensors"
-    sha = save_checkpoint(ckpt, model, meta, half=cfg.half)
+    sha = save_checkpoint(ckpt, model, meta, half=cfg.half, unfamiliarity=stats)
     summary = {
         "checkpoint": str(ckpt),
         "sha256": sha,
@@ -307,7 +331,8 @@ def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
     write_run_folder(out, data, full, histories)
     metrics = {k: short_metrics(v) if k in ("val", "test", "test_flip_tta") else v
                for k, v in full.items()}  # fmt: skip
-    summary = save_run_checkpoint(cfg, model, data, metrics, time.time() - t_start, out)
+    unfamiliar = fit_unfamiliarity(model, data.images, data.y, data.spec)
+    summary = save_run_checkpoint(cfg, model, data, metrics, time.time() - t_start, out, unfamiliar)
     if cfg.register:
         summary["registered"] = register(out / "model.safetensors")
     return summary
