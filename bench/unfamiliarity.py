@@ -1,7 +1,7 @@
 """Unfamiliarity scores compared on the development data: which one separates shifted photos.
 
 Features of a checkpoint on TrashNet's train/val/test split and on the test split changed by
-the robustness corruptions (the "new site" proxy); each score's threshold flags 5% of val.
+the robustness corruptions (the "new site" proxy); each score's threshold flags 5% of val (--val-flagged).
 Prints, per score: share of clean test and shifted test flagged, AUROC clean-vs-shifted, and
 the confident-error rate (wrong and not flagged, flagged = confidence below the review
 threshold or unfamiliar) on the shifted test.
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=Path("models/sortline-trashnet.safetensors"))
     ap.add_argument("--cache", type=Path, default=Path("cache"))
     ap.add_argument("--review-threshold", type=float, default=0.6)
+    ap.add_argument("--val-flagged", type=float, default=0.05, help="Share of val above it.")
     a = ap.parse_args()
     from training.model import unfamiliarity
     from training.model.calibration import softmax
@@ -84,7 +85,7 @@ def main() -> None:
     shifted_lg = np.concatenate([lg[s] for s in SHIFTS])
     shifted_y = np.tile(y, len(SHIFTS))
 
-    stats, thr = unfamiliarity.fit(f["train_x"], f["train_y"], f["val_x"])
+    stats, thr = unfamiliarity.fit(f["train_x"], f["train_y"], f["val_x"], flagged=a.val_flagged)
     train_n = f["train_x"] / np.linalg.norm(f["train_x"], axis=1, keepdims=True)
 
     def knn(x: np.ndarray, k: int = 10) -> np.ndarray:
@@ -103,7 +104,7 @@ def main() -> None:
     }
     rows = []
     for name, fn in scores.items():
-        thr_s = float(np.quantile(fn(f["val_x"], lg["val"]), 0.95))
+        thr_s = float(np.quantile(fn(f["val_x"], lg["val"]), 1 - a.val_flagged))
         clean = fn(f["test_x"], lg["test"])
         shifted = fn(shifted_x, shifted_lg)
         p = softmax(shifted_lg, t)
