@@ -76,6 +76,7 @@ class DbSettings(SortlineSettings):
 
     database_url: str = "sqlite:///sortline.db"
     auto_migrate: bool = True
+    promotion_floor: float = 0.5  # a model below this val macro-F1 is activated only if forced
 
 
 @settings_getter

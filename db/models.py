@@ -82,6 +82,10 @@ class Result(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     processing_ms: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float | None] = mapped_column(Float)  # submitted -> row written
+    # smallest Mahalanobis distance of the image's features to a training class (None: the
+    # model has no statistics); unfamiliar: above the model's threshold, so needs_review
+    unfamiliarity: Mapped[float | None] = mapped_column(Float)
+    unfamiliar: Mapped[bool | None] = mapped_column(Boolean)
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False)
     corrected_label: Mapped[str | None] = mapped_column(String(64))
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -10,9 +10,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Job, ModelRecord, Result, utcnow
-from sortline.errors import NotFound
+from sortline.errors import NotFound, PromotionRefused
 
-__all__ = ["NotFound"]  # raised by the look-ups below; re-exported for callers
+__all__ = ["NotFound", "PromotionRefused"]  # raised below; re-exported for callers
+
+PROMOTION_METRIC = "macro_f1"  # on the val split, compared when a model is activated
 
 
 # ---------------------------------------------------------------- jobs
@@ -168,6 +170,7 @@ def list_results(
     status: str | None = None,
     min_confidence: float | None = None,
     max_confidence: float | None = None,
+    needs_review: bool | None = None,
     after_id: int | None = None,
     limit: int | None = None,
 ) -> Sequence[Result]:
@@ -181,6 +184,8 @@ def list_results(
         q = q.where(Result.confidence >= min_confidence)
     if max_confidence is not None:
         q = q.where(Result.confidence <= max_confidence)
+    if needs_review is not None:
+        q = q.where(Result.needs_review.is_(needs_review))
     if after_id is not None:  # rows written since an earlier read, in the order written
         q = q.where(Result.id > after_id).order_by(Result.id)
     else:
@@ -212,20 +217,16 @@ def register_model(
     sha256: str,
     classes: list[str],
     metrics: dict[str, Any] | None = None,
-    activate: bool = True,
 ) -> ModelRecord:
-    """Add (or update) a model in the registry, optionally making it the active one."""
+    """Add (or update) a model in the registry as a candidate; the active model is unchanged."""
     rec = session.scalars(
         select(ModelRecord).where(ModelRecord.name == name, ModelRecord.version == version)
     ).first()
     if rec is None:
-        rec = ModelRecord(name=name, version=version)
+        rec = ModelRecord(name=name, version=version, active=False)
         session.add(rec)
     rec.arch, rec.path, rec.sha256 = arch, path, sha256
     rec.classes, rec.metrics = classes, metrics or {}
-    if activate:
-        session.execute(update(ModelRecord).values(active=False))
-    rec.active = activate
     session.flush()
     return rec
 
@@ -233,6 +234,65 @@ def register_model(
 def active_model(session: Session) -> ModelRecord | None:
     """The active registered model, if any."""
     return session.scalars(select(ModelRecord).where(ModelRecord.active.is_(True))).first()
+
+
+def list_models(session: Session) -> Sequence[ModelRecord]:
+    """Every registered model, newest first."""
+    return session.scalars(
+        select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id.desc())
+    ).all()
+
+
+def get_model(session: Session, *, ref: str) -> ModelRecord:
+    """The registered model ``NAME:VERSION``."""
+    name, sep, version = ref.rpartition(":")
+    rec = None
+    if sep and name and version:
+        rec = session.scalars(
+            select(ModelRecord).where(ModelRecord.name == name, ModelRecord.version == version)
+        ).first()
+    if rec is None:
+        raise NotFound(f"no registered model {ref!r}; `sortline models` lists NAME:VERSION of each")
+    return rec
+
+
+def val_score(rec: ModelRecord) -> float | None:
+    """The validation macro-F1 a model was registered with, if it has one."""
+    value = ((rec.metrics or {}).get("val") or {}).get(PROMOTION_METRIC)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def activate_model(
+    session: Session, *, ref: str, floor: float = 0.0, force: bool = False
+) -> ModelRecord:
+    """Make ``NAME:VERSION`` the active model (what workers load next).
+
+    Unless *force*, a model whose validation macro-F1 is missing, below *floor* or below the
+    active model's is refused with :class:`PromotionRefused`.
+    """
+    rec = get_model(session, ref=ref)
+    current = active_model(session)
+    if not force and rec is not current:
+        score = val_score(rec)
+        if score is None:
+            raise PromotionRefused(f"{ref} has no recorded val {PROMOTION_METRIC}; --force to "
+                                   "activate it anyway")  # fmt: skip
+        if score < floor:
+            raise PromotionRefused(
+                f"{ref} has val {PROMOTION_METRIC} {score:.3f}, below the floor {floor:.3f} "
+                "(SORTLINE_PROMOTION_FLOOR); --force to activate it anyway"
+            )
+        best = val_score(current) if current is not None else None
+        if best is not None and score < best:
+            raise PromotionRefused(
+                f"{ref} has val {PROMOTION_METRIC} {score:.3f}, below the active "
+                f"{current.name}:{current.version}'s {best:.3f}; --force to activate it anyway "
+                "(a rollback)"
+            )
+    session.execute(update(ModelRecord).values(active=False))
+    rec.active = True
+    session.flush()
+    return rec
 
 
 def models_at_path(session: Session, *, path: str) -> Sequence[ModelRecord]:

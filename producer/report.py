@@ -54,6 +54,7 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
                 "position": r.position, "ref": r.ref, "status": r.status, "label": r.label,
                 "confidence": r.confidence, "probs": r.probs, "error": r.error,
                 "needs_review": r.needs_review, "corrected_label": r.corrected_label,
+                "unfamiliar": bool(r.unfamiliar),
             }
             for r in rows
         ]  # fmt: skip
@@ -80,6 +81,7 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
         "n_ok": len(ok),
         "n_errors": len(rows) - len(ok),
         "needs_review": sum(1 for r in ok if r["needs_review"]),
+        "unfamiliar": sum(1 for r in ok if r["unfamiliar"]),
         "corrected": sum(1 for r in ok if r["corrected_label"]),
         "review_threshold": _review_threshold(),
         "confidence": {
@@ -184,7 +186,8 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     thr = rep["review_threshold"]
     page.p(f"mean {viz.fmt(c['mean'])}, median {viz.fmt(c['median'])}, lowest {viz.fmt(c['min'])}"
            + f"; {rep['needs_review']} images marked for review"
-           + (f" (confidence below {thr:g} when classified)" if thr is not None else ""))  # fmt: skip
+           + (f" (confidence below {thr:g} when classified" if thr is not None else " (")
+           + f"; {rep['unfamiliar']} unlike the training photos)")  # fmt: skip
     page.figure(ch["confidence"], "confidence histogram (dashed: review threshold)")
 
     m = rep.get("labelled")

@@ -64,7 +64,7 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
         return 0
 
     clf = get_classifier()
-    with get_batcher() as batcher:
+    with get_batcher(clf) as batcher:
         rows = _classify_items(todo, clf, batcher, worker=worker)
     now = time.time()
     for r in rows:
@@ -99,9 +99,12 @@ def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> li
     t0 = time.perf_counter()
     probs = batcher.predict(np.stack(arrays))
     share = (time.perf_counter() - t0) * 1000 / len(arrays)
-    for (it, sha, decode_ms), p in zip(pending, probs, strict=True):
+    nc = len(clf.classes)
+    for (it, sha, decode_ms), out in zip(pending, probs, strict=True):
+        p, score = out[:nc], float(out[nc])
         k = int(p.argmax())
         conf = float(p[k])
+        unfamiliar = clf.unfamiliar_threshold is not None and score > clf.unfamiliar_threshold
         rows.append(
             {
                 "position": it.pos,
@@ -114,7 +117,9 @@ def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> li
                 "model_version": clf.version,
                 "worker": worker,
                 "processing_ms": round(decode_ms + share, 3),
-                "needs_review": conf < s.review_threshold,
+                "unfamiliarity": None if np.isnan(score) else round(score, 4),
+                "unfamiliar": unfamiliar,
+                "needs_review": conf < s.review_threshold or unfamiliar,
                 "submitted_at": _ts(it.submitted_at),
             }
         )

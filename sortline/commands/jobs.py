@@ -17,7 +17,7 @@ from sortline.names import INFERENCE_QUEUES
 
 RESULT_FIELDS = (
     "position", "ref", "status", "label", "confidence", "error", "needs_review",
-    "model_version", "worker", "processing_ms", "sha256",
+    "unfamiliarity", "unfamiliar", "model_version", "worker", "processing_ms", "sha256",
 )  # fmt: skip
 
 
@@ -159,6 +159,9 @@ def _emit(rows: list[dict], fmt: str, header: bool = True) -> None:
 @click.option("--min-confidence", type=click.FloatRange(0, 1), help="Confidence at least this.")
 @click.option("--max-confidence", type=click.FloatRange(0, 1), help="Confidence at most this.")
 @click.option("--errors", is_flag=True, help="Only images that failed.")
+@click.option(
+    "--needs-review", is_flag=True, help="Only images marked for review (doubtful or unfamiliar)."
+)
 @click.option("--limit", type=int, help="At most this many rows.")
 @click.option(
     "--follow", is_flag=True, help="Keep printing rows as they are written until the job is done."
@@ -167,7 +170,9 @@ def _emit(rows: list[dict], fmt: str, header: bool = True) -> None:
     "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
     show_default=True, help="Output format (json: one object per line).",
 )  # fmt: skip
-def results(job, label, min_confidence, max_confidence, errors, limit, follow, fmt) -> None:
+def results(
+    job, label, min_confidence, max_confidence, errors, needs_review, limit, follow, fmt
+) -> None:
     """Print a job's per-image results (JOB: id, prefix or 'latest')."""
     if follow:
         follow_results(job, fmt)
@@ -183,6 +188,7 @@ def results(job, label, min_confidence, max_confidence, errors, limit, follow, f
                 status="error" if errors else None,
                 min_confidence=min_confidence,
                 max_confidence=max_confidence,
+                needs_review=True if needs_review else None,
                 limit=limit,
             )
         ]

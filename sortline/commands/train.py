@@ -117,6 +117,11 @@ from training.data.augment import PRESETS
 @click.option(
     "--no-register", is_flag=True, help="Do not record the checkpoint in the models table."
 )
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="Make the registered model the active one (refused below the active one's val macro-F1).",
+)
 @click.option("--no-robustness", is_flag=True, help="Skip the robustness check at the end.")
 def train(
     data,
@@ -144,6 +149,7 @@ def train(
     version,
     half,
     no_register,
+    activate,
     no_robustness,
 ) -> None:
     """Train a classifier on an ImageFolder and write a run folder with its checkpoint.
@@ -158,6 +164,8 @@ def train(
     from training.fit.run import train as run_training
     from training.fit.train import FinetuneParams, FrozenParams
 
+    if activate and no_register:
+        raise click.UsageError("--activate needs the model registered; drop --no-register")
     settings = get_training_settings()
     study_cfg = None
     if from_study:
@@ -238,7 +246,11 @@ def train(
         f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s on {summary['ran_on']})"
     )
     if summary.get("registered"):
-        click.echo(f"registered as {summary['registered']}")
+        click.echo(f"registered as {summary['registered']} (a candidate)")
+        if activate:
+            from sortline.commands.models import activate as activate_model
+
+            click.echo(activate_model(summary["registered"]))
 
 
 # what a study decides; `train --from-study` refuses them on the command line
@@ -277,10 +289,11 @@ def evaluate(checkpoint, data, as_json) -> None:
     from training.fit.evaluate import evaluate_checkpoint, report_text
     from training.reports.metrics import with_interval
 
-    m = evaluate_checkpoint(checkpoint, data)
+    m = evaluate_checkpoint(checkpoint, data, **_review_settings())
     if as_json:
         keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion",
-                "intervals")  # fmt: skip
+                "intervals", "review_threshold", "unfamiliar_threshold", "unfamiliar_rate",
+                "needs_review_rate", "confident_error_rate")  # fmt: skip
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
         return
     classes = list(m["per_class"])
@@ -293,6 +306,10 @@ def evaluate(checkpoint, data, as_json) -> None:
         f"macro-F1 {with_interval(m['macro_f1'], ci['macro_f1'])}"
     )
     click.echo(f"expected calibration error (calibrated): {m['ece']:.4f}")
+    click.echo(
+        f"flagged for review {m['needs_review_rate']:.1%} (unfamiliar {m['unfamiliar_rate']:.1%});"
+        f" confident errors (wrong, not flagged) {m['confident_error_rate']:.1%}"
+    )
     for s in m["skipped"]:
         click.echo(f"skipped {s['file']}: {s['reason']}", err=True)
 
@@ -315,7 +332,7 @@ def predict(images, checkpoint, grid, as_json) -> None:
     missing = [str(p) for p in images if not p.exists()]
     if missing:
         fail(f"no such file: {', '.join(missing)}")
-    results = predict_files(images, checkpoint)
+    results = predict_files(images, checkpoint, **_review_settings())
     failed = 0
     for r in results:
         if "error" in r:
@@ -326,11 +343,12 @@ def predict(images, checkpoint, grid, as_json) -> None:
                 click.echo(f"{r['file']}: error: {r['error']}", err=True)
             continue
         if as_json:
-            click.echo(
-                json.dumps({k: r[k] for k in ("file", "label", "confidence", "probabilities")})
-            )
+            keep = ("file", "label", "confidence", "probabilities", "unfamiliarity", "unfamiliar",
+                    "needs_review")  # fmt: skip
+            click.echo(json.dumps({k: r[k] for k in keep}))
         else:
-            click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%})")
+            note = " unfamiliar: review" if r["unfamiliar"] else ""
+            click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%}){note}")
     if grid:
         ok = [r for r in results if "error" not in r]
         gallery([(r["image"], f"{r['label']} {r['confidence']:.0%}") for r in ok], grid, cols=4)
@@ -437,6 +455,14 @@ def ship(
         robustness=not no_robustness,
     )
     click.echo(json.dumps(res, indent=1))
+
+
+def _review_settings() -> dict:
+    """The review thresholds the workers use (SORTLINE_REVIEW/UNFAMILIAR_THRESHOLD)."""
+    from worker.config import get_worker_settings
+
+    s = get_worker_settings()
+    return {"review_threshold": s.review_threshold, "unfamiliar_override": s.unfamiliar_threshold}
 
 
 def _cache(cache_dir: Path | None) -> Path:

@@ -205,6 +205,21 @@ def evaluate_run(cfg: RunConfig, model: nn.Module, data: RunData) -> dict:
     )  # fmt: skip
 
 
+def fit_unfamiliarity(
+    model: nn.Module, images: dict[str, list], y: dict[str, np.ndarray], spec: PreprocessSpec
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Unfamiliarity statistics of *model*'s features on train, threshold flagging 5% of val."""
+    from training.data.features import extract
+    from training.model import unfamiliarity
+
+    train_x = extract(model, images["train"], spec)
+    val_x = extract(model, images["val"], spec)
+    stats, threshold = unfamiliarity.fit(train_x, y["train"], val_x)
+    info = {"method": "mahalanobis", "threshold": threshold,
+            "val_flagged": unfamiliarity.VAL_FLAGGED, "n_train": len(train_x)}  # fmt: skip
+    return stats, info
+
+
 def short_metrics(m: dict) -> dict:
     """A split's headline figures (no confusion matrix) as stored in the checkpoint."""
     keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "intervals")
@@ -241,6 +256,7 @@ def save_run_checkpoint(
     seconds: float,
     out: Path,
     ran_on: str = "cpu",
+    unfamiliarity: tuple[dict[str, np.ndarray], dict] | None = None,
 ) -> dict:
     """Write ``model.safetensors`` with its metadata and ``summary.json``; return the summary."""
     from training.model.checkpoint import save_checkpoint
@@ -257,8 +273,11 @@ def save_run_checkpoint(
         "manifest_sha256": data.manifest_sha256,
         "training": {**asdict(cfg), "seconds": round(seconds, 1), "ran_on": ran_on},
     }
+    stats = None
+    if unfamiliarity is not None:
+        stats, meta["unfamiliarity"] = unfamiliarity
     ckpt = out / "model.safetensors"
-    sha = save_checkpoint(ckpt, model, meta, half=cfg.half)
+    sha = save_checkpoint(ckpt, model, meta, half=cfg.half, unfamiliarity=stats)
     summary = {
         "checkpoint": str(ckpt),
         "sha256": sha,
@@ -273,7 +292,10 @@ def save_run_checkpoint(
 
 
 def register(checkpoint: str | Path) -> str:
-    """Record a checkpoint in the models table (and make it the active model)."""
+    """Record a checkpoint in the models table as a candidate; return its ``NAME:VERSION``.
+
+    The active model is unchanged: ``sortline models activate`` (or ``--activate``) promotes.
+    """
     from db.engine import session_scope
     from db.migrate import ensure_schema
     from db.service import register_model
@@ -290,8 +312,7 @@ def register(checkpoint: str | Path) -> str:
             path=str(Path(checkpoint).resolve()),
             sha256=file_sha256(checkpoint),
             classes=meta["classes"],
-            metrics=meta["metrics"],
-            activate=True,
+            metrics=meta.get("metrics", {}),
         )
     return f"{meta['name']}:{meta['version']}"
 
@@ -329,8 +350,9 @@ def train(
     write_run_folder(out, data, full, histories)
     metrics = {k: short_metrics(v) if k in ("val", "test", "test_flip_tta") else v
                for k, v in full.items()}  # fmt: skip
+    unfamiliar = fit_unfamiliarity(model, data.images, data.y, data.spec)
     summary = save_run_checkpoint(
-        cfg, model, data, metrics, time.time() - t_start, out, device_name(device)
+        cfg, model, data, metrics, time.time() - t_start, out, device_name(device), unfamiliar
     )
     if cfg.register:
         summary["registered"] = register(out / "model.safetensors")
