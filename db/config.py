@@ -56,6 +56,9 @@ class DbSettings(SortlineSettings):
 
     database_url: str = "sqlite:///sortline.db"
     auto_migrate: bool = True
+    db_timeout: float = 30.0  # PostgreSQL: connect, statement, lock; silence on the wire
+    reconcile_after: float = 300.0  # a job without a new row for this long is reconciled
+    reconcile_max_resends: int = 3  # then its missing positions become error rows
 
 
 def get_db_settings() -> DbSettings:

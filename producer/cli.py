@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
+from db.config import get_db_settings
 from db.engine import session_scope
-from db.service import get_job, label_counts, list_jobs, list_results
+from db.service import get_job, job_state, label_counts, list_jobs, list_results
 from producer.submit import NothingToDo, submit_bytes, submit_paths, wait_for_job
 
 RESULT_FIELDS = (
@@ -23,7 +24,7 @@ RESULT_FIELDS = (
 def _job_dict(job) -> dict:
     return {
         "job_id": job.id,
-        "status": job.status,
+        "status": job_state(job, stalled_after=get_db_settings().reconcile_after),
         "kind": job.kind,
         "queue": job.queue,
         "total": job.total,
@@ -56,10 +57,11 @@ def _print_summary(job_id: str, as_json: bool) -> None:
     with session_scope() as session:
         job = get_job(session, job_id=job_id)
         counts = label_counts(session, job_id=job.id)
+    info = _job_dict(job)
     if as_json:
-        click.echo(json.dumps({**_job_dict(job), "labels": counts}))
+        click.echo(json.dumps({**info, "labels": counts}))
         return
-    click.echo(f"job {job.id}: {job.status}, {job.done} labelled, {job.failed} errors")
+    click.echo(f"job {job.id}: {info['status']}, {job.done} labelled, {job.failed} errors")
     for label, n in counts.items():
         click.echo(f"  {label:<12} {n}")
 

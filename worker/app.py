@@ -6,6 +6,7 @@ Start a worker with ``celery -A worker.app worker -Q cpu`` (or ``sortline worker
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import Celery
 from celery.signals import (
@@ -13,6 +14,8 @@ from celery.signals import (
     after_setup_task_logger,
     worker_init,
     worker_process_init,
+    worker_ready,
+    worker_shutdown,
 )
 from kombu import Queue
 
@@ -103,3 +106,19 @@ def _record_concurrency(sender=None, **_) -> None:
 def _escape_untrusted_text(logger=None, **_) -> None:
     """Log lines show control characters in job ids, file names and errors escaped."""
     escape_log_controls(logger)
+
+
+_reconciler_stop = threading.Event()
+
+
+@worker_ready.connect
+def _start_reconciler(sender=None, **_) -> None:
+    """Every worker looks for stalled jobs now and then (see ``worker.reconcile``)."""
+    from worker.reconcile import start_reconciler
+
+    start_reconciler(worker=getattr(sender, "hostname", None), stop=_reconciler_stop)
+
+
+@worker_shutdown.connect
+def _stop_reconciler(**_) -> None:
+    _reconciler_stop.set()
