@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import Job, ModelRecord, Result, utcnow
+from db.models import Job, JobItem, ModelRecord, Result, utcnow
+from db.text import JOB_ID_LENGTH, clean_text, is_job_id
 from sortline.errors import NotFound, PromotionRefused
 
 __all__ = ["NotFound", "PromotionRefused"]  # raised below; re-exported for callers
@@ -67,17 +70,106 @@ def close_job(session: Session, *, job_id: str) -> None:
 
 
 def get_job(session: Session, *, job_id: str) -> Job:
-    """Return the job by id, by unique id prefix, or ``latest`` for the newest job."""
+    """Return the job by id, by unique id prefix (4 hex digits or more), or ``latest``."""
     if job_id == "latest":
         job = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(1)).first()
-    else:
-        job = session.get(Job, job_id)
-        if job is None and len(job_id) >= 4:
-            found = session.scalars(select(Job).where(Job.id.like(f"{job_id}%")).limit(2)).all()
-            job = found[0] if len(found) == 1 else None
+        if job is None:
+            raise NotFound("no job yet; `sortline submit` creates one")
+        return job
+    key = job_id.lower() if isinstance(job_id, str) else job_id
+    if not is_job_id(key, prefix=True) or len(key) < 4:
+        raise NotFound(
+            f"{clean_text(str(job_id))[:80]!r} is not a job id: give its hex digits (at least "
+            "4 of them), or 'latest'; `sortline jobs` lists the jobs"
+        )
+    job = session.get(Job, key) if len(key) == JOB_ID_LENGTH else None
+    if job is None and len(key) >= 4:
+        found = session.scalars(
+            select(Job).where(Job.id.startswith(key, autoescape=True)).limit(2)
+        ).all()
+        if len(found) > 1:
+            raise NotFound(
+                f"job id prefix {key!r} is ambiguous: it matches more than one job; "
+                "give more digits (`sortline jobs` lists the jobs)"
+            )
+        job = found[0] if found else None
     if job is None:
-        raise NotFound(f"no job {job_id!r}; `sortline jobs` lists the jobs")
+        raise NotFound(f"no job {key!r}; `sortline jobs` lists the jobs")
     return job
+
+
+def record_items(session: Session, *, job_id: str, items: Sequence[dict[str, Any]]) -> None:
+    """Record what is sent for each position (a path, or None for bytes), to re-send it."""
+    if items:
+        session.execute(
+            insert(JobItem),
+            [
+                {
+                    "job_id": job_id,
+                    "position": it["pos"],
+                    "path": os.fsencode(it["path"]) if it.get("path") is not None else None,
+                }
+                for it in items
+            ],
+        )
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)  # SQLite drops the zone
+
+
+def job_state(job: Job, *, stalled_after: float, now: datetime | None = None) -> str:
+    """The job's status, or ``stalled`` if it is unfinished and no row came for a while."""
+    if job.status in ("queued", "running"):
+        last = _aware(job.progress_at or job.created_at)
+        if last < (now or utcnow()) - timedelta(seconds=stalled_after):
+            return "stalled"
+    return job.status
+
+
+def _quiet_since(before: datetime):
+    return (
+        Job.status.in_(("queued", "running")),
+        or_(Job.progress_at < before, Job.progress_at.is_(None) & (Job.created_at < before)),
+    )
+
+
+def stalled_jobs(session: Session, *, quiet_for: float, limit: int = 100) -> list[str]:
+    """Ids of unfinished jobs without a new row for *quiet_for* seconds, oldest first."""
+    before = utcnow() - timedelta(seconds=quiet_for)
+    q = select(Job.id).where(*_quiet_since(before)).order_by(Job.created_at).limit(limit)
+    return list(session.scalars(q))
+
+
+def claim_stalled(session: Session, *, job_id: str, quiet_for: float) -> Job | None:
+    """Take a stalled job for reconciling (once, among any number of callers): its progress
+    clock restarts and its re-send count goes up. None if it is not stalled (any more)."""
+    before = utcnow() - timedelta(seconds=quiet_for)
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *_quiet_since(before))
+        .values(progress_at=utcnow(), resends=Job.resends + 1)
+    ).rowcount
+    return session.get(Job, job_id, populate_existing=True) if claimed else None
+
+
+def missing_items(session: Session, *, job: Job) -> dict[int, bytes | None]:
+    """The positions of *job* without a row, each with the path sent for it (None: bytes,
+    or nothing recorded)."""
+    have = set(session.scalars(select(Result.position).where(Result.job_id == job.id)))
+    missing = [p for p in range(job.total) if p not in have]
+    paths = (
+        dict(
+            session.execute(
+                select(JobItem.position, JobItem.path).where(
+                    JobItem.job_id == job.id, JobItem.position.in_(missing)
+                )
+            ).all()
+        )
+        if missing
+        else {}
+    )
+    return {p: paths.get(p) for p in missing}
 
 
 def list_jobs(session: Session, *, limit: int = 20) -> Sequence[Job]:
@@ -157,6 +249,7 @@ def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, An
                     else_=Job.finished_at,
                 ),
                 model_version=func.coalesce(Job.model_version, version),
+                progress_at=now,
             )
         )
     return len(statuses)

@@ -14,6 +14,7 @@ import numpy as np
 
 from db.engine import session_scope
 from db.service import get_job, label_counts, list_results
+from db.text import clean_text
 from training.reports import charts as viz
 from training.reports.metrics import classification_metrics
 
@@ -111,13 +112,14 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
 
 
 def _thumb(ref: str, size: int = 200):
+    """A thumbnail of the file a row names, read as a worker would read it, else None."""
     from training.model.imaging import ImageError, decode_image
+    from worker.inputs import InputError, read_stored_ref
 
     try:
-        with open(ref, "rb") as f:
-            data = f.read(50_000_000)
-        return viz.thumbnail(decode_image(data, draft=(size, size)), size)
-    except (ImageError, OSError, ValueError):
+        return viz.thumbnail(decode_image(read_stored_ref(ref), draft=(size, size)), size)
+    except (ImageError, InputError) as e:
+        log.info("no thumbnail for %s: %s", ref, e)
         return None
 
 
@@ -141,7 +143,7 @@ def job_report(job_id: str, out: str | Path, *, url: str | None = None) -> dict:
         items = [
             (
                 _thumb(r["ref"]),
-                f"{r['label']} {r['confidence']:.2f}\n{PurePath(r['ref']).name[:28]}",
+                f"{r['label']} {r['confidence']:.2f}\n{clean_text(PurePath(r['ref']).name)[:28]}",
             )
             for r in low
         ]
@@ -160,7 +162,7 @@ def job_report(job_id: str, out: str | Path, *, url: str | None = None) -> dict:
 
 def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     j = rep["job"]
-    page = viz.Page(f"Job {j['job_id'][:12]}", f"{j['source'][:120]}")
+    page = viz.Page(f"Job {j['job_id'][:12]}", clean_text(j["source"])[:120])
     page.table(
         ["job", "status", "model", "images", "labelled", "errors", "needs review", "corrected"],
         [(j["job_id"], j["status"], j["model_version"], j["total"], rep["n_ok"],
@@ -207,8 +209,8 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     if "lowest" in ch:
         page.table(
             ["file", "label", "confidence", "corrected", "position"],
-            [(r["ref"], r["label"], r["confidence"], r["corrected_label"], r["position"])
-             for r in rep["lowest_confidence"]],
+            [(clean_text(r["ref"]), r["label"], r["confidence"], r["corrected_label"],
+              r["position"]) for r in rep["lowest_confidence"]],
             left=2,
         )  # fmt: skip
         page.figure(ch["lowest"], "lowest-confidence images with their predicted label")
@@ -219,7 +221,7 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     if rep["errors"]:
         page.table(
             ["position", "file", "error"],
-            [(e["position"], e["ref"], e["error"]) for e in rep["errors"]],
+            [(e["position"], clean_text(e["ref"]), clean_text(e["error"])) for e in rep["errors"]],
             left=3,
         )
     else:

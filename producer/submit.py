@@ -13,7 +13,7 @@ from fnmatch import fnmatch
 
 from db.engine import session_scope
 from db.migrate import ensure_schema
-from db.service import create_job, get_job
+from db.service import create_job, get_job, record_items
 from producer.config import IMAGE_EXTENSIONS, get_producer_settings
 from sortline.errors import SortlineError
 from sortline.names import CLASSIFY_TASK, INFERENCE_QUEUES
@@ -104,6 +104,7 @@ def _submit(items: list[dict], *, source: str, queue: str | None, batch_size: in
     ensure_schema()
     with session_scope() as session:
         job_id = create_job(session, source=source, queue=queue, total=len(items)).id
+        record_items(session, job_id=job_id, items=items)  # what was sent, to re-send it
     n = send_items(job_id, items, queue=queue, batch_size=batch_size)
     log.info("job %s: %d images in %d tasks on queue %s", job_id, len(items), n, queue)
     return job_id

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import click
 
+from db.config import get_db_settings
 from db.engine import session_scope
-from db.service import get_job, label_counts, list_jobs, list_results
+from db.service import get_job, job_state, label_counts, list_jobs, list_results
+from db.text import clean_text, csv_cell
 from producer.submit import submit_bytes, submit_paths, wait_for_job
 from sortline.names import INFERENCE_QUEUES
 
@@ -24,7 +26,7 @@ RESULT_FIELDS = (
 def _job_dict(job) -> dict:
     return {
         "job_id": job.id,
-        "status": job.status,
+        "status": job_state(job, stalled_after=get_db_settings().reconcile_after),
         "kind": job.kind,
         "queue": job.queue,
         "total": job.total,
@@ -57,12 +59,13 @@ def _print_summary(job_id: str, as_json: bool) -> None:
     with session_scope() as session:
         job = get_job(session, job_id=job_id)
         counts = label_counts(session, job_id=job.id)
+    info = _job_dict(job)
     if as_json:
-        click.echo(json.dumps({**_job_dict(job), "labels": counts}))
+        click.echo(json.dumps({**info, "labels": counts}))
         return
-    click.echo(f"job {job.id}: {job.status}, {job.done} labelled, {job.failed} errors")
+    click.echo(f"job {job.id}: {info['status']}, {job.done} labelled, {job.failed} errors")
     for label, n in counts.items():
-        click.echo(f"  {label:<12} {n}")
+        click.echo(f"  {clean_text(label):<12} {n}")
 
 
 @click.command()
@@ -81,15 +84,18 @@ def _print_summary(job_id: str, as_json: bool) -> None:
 def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json) -> None:
     """Classify image files, folders or globs (PATHS) as one job; print its id."""
     if as_bytes:
+        from producer.submit import expand_paths
+        from worker.config import get_worker_settings
+        from worker.inputs import read_local_file, read_stream
+
+        limit = get_worker_settings().max_image_bytes  # checked before anything is read
         blobs = []
         for p in paths:
             if p == "-":
-                blobs.append(("stdin", sys.stdin.buffer.read()))
+                blobs.append(("stdin", read_stream(sys.stdin.buffer, max_bytes=limit)))
             else:
-                from producer.submit import expand_paths
-
                 for f in expand_paths([p], recursive=recursive, pattern=pattern):
-                    blobs.append((f, Path(f).read_bytes()))
+                    blobs.append((f, read_local_file(f, max_bytes=limit)))
         job_id = submit_bytes(blobs, queue=queue, batch_size=batch_size, source=", ".join(paths))
     else:
         job_id = submit_paths(
@@ -121,7 +127,7 @@ def jobs(limit: int) -> None:
     for j in rows:
         click.echo(
             f"{j['job_id']}  {j['status']:<8} {j['done'] + j['failed']:>6}/{j['total']:<6} "
-            f"{j['queue']:<4} {j['created_at'][:19]}  {j['source'][:50]}"
+            f"{j['queue']:<4} {j['created_at'][:19]}  {clean_text(j['source'])[:50]}"
         )
 
 
@@ -141,8 +147,9 @@ def _emit(rows: list[dict], fmt: str, header: bool = True) -> None:
         w = csv.DictWriter(sys.stdout, fieldnames=[*RESULT_FIELDS, "corrected_label", "probs"])
         if header:
             w.writeheader()
-        for d in rows:
-            w.writerow({**d, "probs": json.dumps(d["probs"]) if d["probs"] else ""})
+        for d in rows:  # no cell a spreadsheet would run as a formula
+            d = {**d, "probs": json.dumps(d["probs"]) if d["probs"] else ""}
+            w.writerow({k: csv_cell(v) for k, v in d.items()})
     else:
         if header:
             click.echo(f"{'pos':>5}  {'label':<10} {'conf':>6}  file / error")
@@ -150,7 +157,7 @@ def _emit(rows: list[dict], fmt: str, header: bool = True) -> None:
             label = d.get("corrected_label") or d["label"] or "ERROR"
             conf = f"{d['confidence']:.3f}" if d["confidence"] is not None else "-"
             tail = Path(d["ref"]).name if d["status"] == "ok" else f"{d['ref']}: {d['error']}"
-            click.echo(f"{d['position']:>5}  {label:<10} {conf:>6}  {tail}")
+            click.echo(f"{d['position']:>5}  {clean_text(label):<10} {conf:>6}  {clean_text(tail)}")
 
 
 @click.command()

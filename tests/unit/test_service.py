@@ -57,8 +57,26 @@ def test_get_job_by_prefix_and_latest(sqlite_url):
     with session_scope(sqlite_url) as s:
         assert get_job(s, job_id=a[:6]).id == a
         assert get_job(s, job_id="latest").id == a
-        with pytest.raises(NotFound, match="no job"):
+        with pytest.raises(NotFound, match="not a job id"):
             get_job(s, job_id="nope-nope")
+        with pytest.raises(NotFound, match="no job"):
+            get_job(s, job_id="f" * 32 if not a.startswith("f") else "e" * 32)
+
+
+def test_job_ids_are_checked_and_prefixes_never_wildcards(sqlite_url):
+    """Issue 17.5/17.7: an ambiguous prefix says so; `%`, `_`, newlines and NULs are not ids."""
+    from db.models import Job
+
+    with session_scope(sqlite_url) as s:
+        s.add_all([Job(id="abcd" + "0" * 28, total=1), Job(id="abcd" + "1" * 28, total=1)])
+    with session_scope(sqlite_url) as s:
+        with pytest.raises(NotFound, match="ambiguous"):
+            get_job(s, job_id="abcd")
+        assert get_job(s, job_id="ABCD1").id == "abcd" + "1" * 28  # hex in either case
+        for bad in ("abc%", "ab_d", "%", "abcd\n", "abcd\x00", "abcd0000' OR 1=1", "abc"):
+            with pytest.raises(NotFound, match="not a job id") as e:
+                get_job(s, job_id=bad)
+            assert "\n" not in str(e.value) and "\x00" not in str(e.value)
 
 
 def _register(s, version: str, val_f1: float | None):
