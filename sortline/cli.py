@@ -73,6 +73,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train:ship",
         "Write a run's float16 checkpoint as the shipped model, re-scored on val and test.",
     ),
+    "quantize": (
+        "train:quantize",
+        "Calibrate a checkpoint for int8: compare calibration methods on val, keep the best.",
+    ),
     "tune": ("tune:tune", "Hyper-parameter search: Optuna trials as tasks on the training queue."),
     "eda": (
         "eda:eda",

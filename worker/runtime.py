@@ -30,6 +30,7 @@ from training.model.checkpoint import (
     read_metadata,
     verify_sha256,
 )
+from training.model.export import PRECISIONS, resolve_precision
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class TorchBackend:
         else:
             model = model.half().to(self.device, memory_format=torch.channels_last)
         self.model = model.eval()
+        self.precision = "fp32" if self.device.type == "cpu" else "fp16"
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -123,22 +125,23 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """ONNX Runtime on CPU, from an export cached next to the other caches."""
+    """ONNX Runtime on CPU (fp32 or int8), from an export cached next to the other caches."""
 
     name = "onnx"
     device = "cpu"
 
-    def __init__(self, path: Path, expected_sha256: str | None):
+    def __init__(self, path: Path, expected_sha256: str | None, precision: str = "fp32"):
         import onnxruntime as ort
 
         from training.config import get_training_settings
 
         verify_sha256(path, expected_sha256)
+        self.precision = precision
         cache = get_training_settings().cache_dir / "onnx"
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / ".lock", "w") as lock:  # one export even with many processes
             fcntl.flock(lock, fcntl.LOCK_EX)
-            onnx_path = _export_in_subprocess(path, cache)
+            onnx_path = _export_in_subprocess(path, cache, precision)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch_threads()
         opts.inter_op_num_threads = 1
@@ -152,17 +155,18 @@ class OnnxBackend:
         return self.session.run(None, {self.input: np.ascontiguousarray(batch)})[0]
 
 
-def _export_in_subprocess(path: Path, cache: Path) -> Path:
-    """The cached ONNX export of *path*, made by a child process so this one never imports torch.
+def _export_in_subprocess(path: Path, cache: Path, precision: str) -> Path:
+    """The cached ONNX model of *path*, made by a child process so this one never imports torch.
 
     Keeping torch out of an ONNX Runtime worker saves about a gigabyte of resident memory.
     """
     out = subprocess.run(
-        [sys.executable, "-m", "training.model.export", str(path), "--cache-dir", str(cache)],
+        [sys.executable, "-m", "training.model.export", str(path), "--cache-dir", str(cache),
+         "--precision", precision],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
-    )
+    )  # fmt: skip
     if out.returncode != 0:
         raise CheckpointError(f"ONNX export of {path} failed: {out.stderr.strip()[-500:]}")
     return Path(out.stdout.strip().splitlines()[-1])
@@ -178,6 +182,7 @@ class Classifier:
         expected_sha256: str | None = None,
         device: str = "auto",
         runtime: str = "auto",
+        precision: str = "auto",
     ):
         self.path = Path(path)
         if not self.path.exists():
@@ -193,18 +198,33 @@ class Classifier:
         self.version = model_version(meta)
         if runtime not in ("auto", "onnx", "torch"):
             raise ConfigError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"SORTLINE_PRECISION must be auto, fp32 or int8, not {precision!r}")
         device = resolve_device(device)
         if runtime == "auto":
             runtime = "torch" if device == "cuda" else "onnx"
         if runtime == "onnx":
-            self.backend = OnnxBackend(self.path, expected_sha256)
+            precision = resolve_precision(self.path, precision)
+            self.backend = OnnxBackend(self.path, expected_sha256, precision)
+        elif precision == "int8":
+            raise ConfigError(
+                "SORTLINE_PRECISION=int8 runs on ONNX Runtime only; set SORTLINE_RUNTIME=onnx "
+                "(or auto on a CPU), or SORTLINE_PRECISION=auto"
+            )
         else:
             self.backend = TorchBackend(self.path, expected_sha256, device)
-        log.info("loaded %s (%s) with %s", self.version, self.path, self.backend.name)
+        self.runtime = self.backend.name
+        self.precision = self.backend.precision
+        log.info("loaded %s (%s) with %s %s", self.version, self.path, self.runtime, self.precision)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (temperature-calibrated) for a batch of preprocessed arrays."""
         return softmax(self.backend.logits(batch), self.temperature).astype(np.float32)
+
+
+def served_classifier(checkpoint: str | Path, *, runtime: str, precision: str) -> Classifier:
+    """The classifier a CPU worker with these settings would run, in this process."""
+    return Classifier(checkpoint, device="cpu", runtime=runtime, precision=precision)
 
 
 def resolve_device(device: str) -> str:
@@ -327,6 +347,7 @@ def get_classifier() -> Classifier:
                 expected_sha256=choice.expected_sha256,
                 device=s.device,
                 runtime=s.runtime,
+                precision=s.precision,
             )
         return _classifier
 
