@@ -44,6 +44,20 @@ def test_evaluate_json(trained):
     assert set(m["per_class"]) == set(CLASSES)
     assert {"precision", "recall", "f1"} <= set(m["per_class"]["glass"])
     assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    assert (m["runtime"], m["precision"]) == ("onnx", "fp32")  # a CPU worker's; no calibration
+    r = CliRunner().invoke(
+        cli,
+        ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json",
+         "--runtime", "torch"],
+    )  # fmt: skip
+    t = json.loads(r.output.strip().splitlines()[-1])
+    assert (t["runtime"], t["precision"]) == ("torch", "fp32")
+    assert abs(t["accuracy"] - m["accuracy"]) <= 1 / m["n"]  # the two runtimes agree
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]),
+              "--precision", "int8"],
+    )  # fmt: skip
+    assert r.exit_code == 1 and "no int8 calibration" in r.output and "Traceback" not in r.output
 
 
 def test_predict_json_and_grid(trained, tmp_path):
@@ -60,6 +74,7 @@ def test_predict_json_and_grid(trained, tmp_path):
     lines = [json.loads(x) for x in r.output.strip().splitlines()]
     assert lines[0]["label"] in CLASSES and 0 < lines[0]["confidence"] <= 1
     assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
+    assert (lines[0]["runtime"], lines[0]["precision"]) == ("onnx", "fp32")
     assert "error" in lines[1]
     assert grid.exists()
 
@@ -77,7 +92,7 @@ def test_user_errors_have_no_traceback(trained, tmp_path):
             str(tmp_path),
         ],
     )
-    assert r.exit_code != 0 and "not found" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "does not exist" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ from training.model.preprocess import PreprocessSpec, preprocess
 from training.reports.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
+
+Predict = Callable[[np.ndarray], np.ndarray]  # preprocessed arrays -> calibrated probabilities
 
 
 # ---------------------------------------------------------------- inference
@@ -82,16 +84,36 @@ def _load(checkpoint: str | Path):
     return model, meta, preprocess_spec(meta)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path) -> dict:
+def _probabilities(checkpoint, images: list[Image.Image], predict: Predict | None) -> np.ndarray:
+    """Calibrated probabilities of *images*: by *predict* (a worker's classifier) or PyTorch."""
+    if predict is None:
+        model, meta, spec = _load(checkpoint)
+        return softmax(predict_logits(model, images, spec), float(meta.get("temperature", 1.0)))
+    _, spec = _meta(checkpoint)
+    chunks = [images[i : i + 32] for i in range(0, len(images), 32)]
+    return np.concatenate([predict(np.stack([preprocess(im, spec) for im in c])) for c in chunks])
+
+
+def _meta(checkpoint):
+    from training.model.checkpoint import preprocess_spec, read_metadata
+
+    meta = read_metadata(checkpoint)
+    return meta, preprocess_spec(meta)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, data: str | Path, *, predict: Predict | None = None
+) -> dict:
     """Score a checkpoint on every readable image of a labelled ImageFolder directory.
 
     Class folders must be a subset of the checkpoint's classes. Images are decoded and
-    preprocessed exactly as the worker does.
+    preprocessed exactly as the worker does; with *predict* (a worker classifier's
+    ``predict``), they are also classified by the worker's runtime and precision.
     """
     from training.data.dataset import DatasetError, scan_imagefolder
     from training.model.imaging import decode_image
 
-    model, meta, spec = _load(checkpoint)
+    meta, spec = _meta(checkpoint)
     classes = meta["classes"]
     ds = scan_imagefolder(data)
     unknown = [c for c in ds.classes if c not in classes]
@@ -103,22 +125,23 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path) -> dict:
         decode_image((ds.root / s.file).read_bytes(), draft=(spec.resize, spec.resize))
         for s in ds.samples
     ]
-    logits = predict_logits(model, images, spec)
+    probs = _probabilities(checkpoint, images, predict)
     y = [classes.index(s.label) for s in ds.samples]
-    m = classification_metrics(y, logits.argmax(1).tolist(), classes)
-    probs = softmax(logits, float(meta.get("temperature", 1.0)))
+    m = classification_metrics(y, probs.argmax(1).tolist(), classes)
     m["ece"] = expected_calibration_error(probs, y)
     m["skipped"] = [{"file": f, "reason": r} for f, r in ds.skipped]
     m["model"] = f"{meta.get('name')}:{meta.get('version')}"
     return m
 
 
-def predict_files(paths: Sequence[str | Path], checkpoint: str | Path) -> list[dict]:
+def predict_files(
+    paths: Sequence[str | Path], checkpoint: str | Path, *, predict: Predict | None = None
+) -> list[dict]:
     """Label and calibrated confidence (softmax at the stored temperature) for each image file."""
     from training.model.imaging import ImageError, decode_image
 
-    model, meta, spec = _load(checkpoint)
-    classes, t = meta["classes"], float(meta.get("temperature", 1.0))
+    meta, spec = _meta(checkpoint)
+    classes = meta["classes"]
     out, images, ok = [], [], []
     for p in paths:
         try:
@@ -128,7 +151,7 @@ def predict_files(paths: Sequence[str | Path], checkpoint: str | Path) -> list[d
         except (ImageError, OSError) as e:
             out.append({"file": str(p), "error": str(e)})
     if images:
-        probs = softmax(predict_logits(model, images, spec), t)
+        probs = _probabilities(checkpoint, images, predict)
         for i, pr in zip(ok, probs, strict=True):
             k = int(pr.argmax())
             out[i].update(
