@@ -12,7 +12,14 @@ import click
 
 from db.engine import session_scope
 from db.service import get_job, label_counts, list_jobs, list_results
-from producer.submit import submit_bytes, submit_paths, wait_for_job
+from producer.submit import (
+    WHEN_FULL,
+    queue_depth,
+    queue_line,
+    submit_bytes,
+    submit_paths,
+    wait_for_job,
+)
 from sortline.names import INFERENCE_QUEUES
 
 RESULT_FIELDS = (
@@ -53,16 +60,27 @@ def _wait_with_progress(job_id: str, quiet: bool):
         return wait_for_job(job_id, on_progress=lambda n, t: bar.update(task, completed=n, total=t))
 
 
-def _print_summary(job_id: str, as_json: bool) -> None:
+def _print_summary(job_id: str, as_json: bool, *, with_queue: bool = False) -> None:
     with session_scope() as session:
         job = get_job(session, job_id=job_id)
         counts = label_counts(session, job_id=job.id)
+    depth = queue_depth(job.queue) if with_queue else None
     if as_json:
-        click.echo(json.dumps({**_job_dict(job), "labels": counts}))
+        click.echo(
+            json.dumps(
+                {
+                    **_job_dict(job),
+                    "labels": counts,
+                    **({"queue_depth": depth} if with_queue else {}),
+                }
+            )
+        )
         return
     click.echo(f"job {job.id}: {job.status}, {job.done} labelled, {job.failed} errors")
     for label, n in counts.items():
         click.echo(f"  {label:<12} {n}")
+    if with_queue:
+        click.echo(queue_line(job.queue, depth))
 
 
 @click.command()
@@ -76,9 +94,15 @@ def _print_summary(job_id: str, as_json: bool) -> None:
 @click.option(
     "--bytes", "as_bytes", is_flag=True, help="Send image bytes, not paths ('-' = stdin)."
 )
+@click.option(
+    "--when-full", type=click.Choice(WHEN_FULL), default="wait", show_default=True,
+    help="When the queue holds SORTLINE_MAX_QUEUED images: wait for room, or refuse the job.",
+)  # fmt: skip
 @click.option("--wait", is_flag=True, help="Show progress until the job finishes, then a summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json) -> None:
+def submit(
+    paths, recursive, pattern, queue, batch_size, as_bytes, when_full, wait, as_json
+) -> None:
     """Classify image files, folders or globs (PATHS) as one job; print its id."""
     if as_bytes:
         blobs = []
@@ -90,11 +114,14 @@ def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json
 
                 for f in expand_paths([p], recursive=recursive, pattern=pattern):
                     blobs.append((f, Path(f).read_bytes()))
-        job_id = submit_bytes(blobs, queue=queue, batch_size=batch_size, source=", ".join(paths))
+        job_id = submit_bytes(
+            blobs, queue=queue, batch_size=batch_size, source=", ".join(paths), when_full=when_full
+        )
     else:
         job_id = submit_paths(
-            paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size
-        )
+            paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size,
+            when_full=when_full,
+        )  # fmt: skip
     if wait:
         _wait_with_progress(job_id, quiet=as_json)
         _print_summary(job_id, as_json)
@@ -108,8 +135,8 @@ def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json
 @click.argument("job")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(job: str, as_json: bool) -> None:
-    """Show a job's progress and its labels so far (JOB: id, prefix or 'latest')."""
-    _print_summary(job, as_json)
+    """Show a job's progress, its labels so far and its queue's depth (JOB: id, prefix or 'latest')."""
+    _print_summary(job, as_json, with_queue=True)
 
 
 @click.command()
