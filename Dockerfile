@@ -38,7 +38,7 @@ COPY producer/ producer/
 RUN pip install -e .
 
 # The trained model, read-only for the service user; the build fails if it is missing.
-COPY models/sortline-trashnet.safetensors models/
+COPY models/sortline-trashnet.safetensors models/sortline-trashnet.int8.json models/
 RUN python -c "from training.model.checkpoint import read_metadata, model_version; \
 from training.config import DEFAULT_CHECKPOINT as p; print(p, model_version(read_metadata(p)))" \
  && mkdir -p /app/cache /app/runs /app/.sortline /data \

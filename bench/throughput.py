@@ -3,10 +3,12 @@
 (a) the reference study's loop: PIL open, torchvision transform, PyTorch forward, one image
     at a time; (b) sortline's in-process batched runtime (no queue, no database); (c) the
     full pipeline producer -> Redis -> Celery worker(s) -> PostgreSQL rows, with 1 and 2
-    worker processes; then streaming at a steady rate (p50/p95 end-to-end latency) and the
-    peak resident memory of each worker process.
+    worker processes; (b) and (c) for each ONNX Runtime precision (fp32, int8: the int8 one
+    needs the checkpoint's calibration, see `sortline quantize`); then streaming at a steady
+    rate (p50/p95 end-to-end latency; bench/latency.py measures several loads) and the peak
+    resident memory of each worker process.
 
-    python bench/throughput.py [--data DIR] [--n 2000] [--checkpoint PATH]
+    python bench/throughput.py [--data DIR] [--n 1000] [--checkpoint PATH] [--precisions fp32,int8]
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ def reference_loop(files: list[Path], checkpoint: Path) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
-def batched_runtime(files: list[Path], checkpoint: Path, batch: int = 32) -> float:
+def batched_runtime(
+    files: list[Path], checkpoint: Path, batch: int = 32, precision: str = "fp32"
+) -> float:
     """(b) img/s of sortline's runtime in process: decode in a thread pool, batched ONNX Runtime."""
     from training.model.preprocess import load_and_preprocess
     from worker.runtime import Classifier
 
-    clf = Classifier(checkpoint)
+    clf = Classifier(checkpoint, runtime="onnx", device="cpu", precision=precision)
     import numpy as np
 
     def load(f: Path):
@@ -75,7 +79,7 @@ def batched_runtime(files: list[Path], checkpoint: Path, batch: int = 32) -> flo
 
 
 def pipeline(
-    files: list[Path], env: dict, worker_args: list[str], log: Path, batch: int
+    files: list[Path], env: dict, worker_args: list[str], log: Path, batch: int, queue: str = "cpu"
 ) -> tuple[float, dict]:
     """(c) img/s from submit to the last row, through Redis, Celery workers and PostgreSQL."""
     from db.engine import session_scope
@@ -85,9 +89,10 @@ def pipeline(
     w = Worker(env, worker_args, log)
     try:
         w.wait_ready()
-        wait_for_job(submit_paths(files[:64], batch_size=batch), timeout=300)  # warm: model loaded
+        warm = submit_paths(files[:64], batch_size=batch, queue=queue)
+        wait_for_job(warm, timeout=300)  # the model is loaded
         t0 = time.perf_counter()
-        job_id = submit_paths(files, batch_size=batch)
+        job_id = submit_paths(files, batch_size=batch, queue=queue)
         job = wait_for_job(job_id, poll=0.05, timeout=1200)
         rate = len(files) / (time.perf_counter() - t0)
         with session_scope() as s:
@@ -140,7 +145,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "trashnet")
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     ap.add_argument(
         "--batch", type=int, default=8, help="forward-pass batch of (b), as SORTLINE_MAX_BATCH"
@@ -148,8 +153,12 @@ def main() -> None:
     ap.add_argument("--stream-rate", type=float, default=20.0)
     ap.add_argument("--stream-seconds", type=float, default=60.0)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,stream")
+    ap.add_argument(
+        "--precisions", default="fp32,int8", help="ONNX Runtime precisions of (b) and (c)"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    precisions = [p for p in args.precisions.split(",") if p]
 
     files = images(args.data, args.n)
     ckpt = args.checkpoint.resolve()
@@ -165,10 +174,10 @@ def main() -> None:
         results["a"] = reference_loop(files, ckpt)
         print(f"(a) reference loop, PyTorch eager, one image at a time: {results['a']:7.1f} img/s")
     if "b" not in skip:
-        results["b"] = batched_runtime(files, ckpt, args.batch)
-        print(
-            f"(b) sortline runtime in process (ONNX Runtime, batch {args.batch}): {results['b']:7.1f} img/s"
-        )
+        for p in precisions:
+            results[f"b-{p}"] = rate = batched_runtime(files, ckpt, args.batch, p)
+            print(f"(b) sortline runtime in process (ONNX Runtime {p}, batch {args.batch}): "
+                  f"{rate:7.1f} img/s")  # fmt: skip
     db = scratch_pg()
     os.environ["SORTLINE_DATABASE_URL"] = db
     env = {
@@ -182,14 +191,15 @@ def main() -> None:
 
         upgrade(db)
         if "c" not in skip:
-            for procs in (1, 2):
-                rate, rss = pipeline(
-                    files, env, ["-Q", "cpu", "-c", str(procs)], tmp / f"c{procs}.log", args.batch
-                )
-                results[f"c{procs}"] = rate
-                peak = max(v for k, v in rss.items())
-                print(f"(c) full pipeline, {procs} worker process(es), PostgreSQL: {rate:7.1f} img/s"
-                      f"  (peak RSS per process {peak:.0f} MB)")  # fmt: skip
+            for p in precisions:
+                for procs in (1, 2):
+                    rate, rss = pipeline(files, {**env, "SORTLINE_PRECISION": p},
+                                         ["-Q", "cpu", "-c", str(procs)],
+                                         tmp / f"c{procs}-{p}.log", args.batch)  # fmt: skip
+                    results[f"c{procs}-{p}"] = rate
+                    peak = max(v for k, v in rss.items())
+                    print(f"(c) full pipeline, {procs} worker process(es), {p}, PostgreSQL: "
+                          f"{rate:7.1f} img/s  (peak RSS per process {peak:.0f} MB)")  # fmt: skip
         if "stream" not in skip:
             st = streaming(files, env, ["-Q", "cpu", "-P", "threads", "-c", "8"], tmp / "stream.log",
                            args.stream_rate, args.stream_seconds)  # fmt: skip
@@ -202,11 +212,18 @@ def main() -> None:
 
         reset_engines()
         drop_pg(db)
-    if "a" in results and "b" in results:
-        best_c = max((v for k, v in results.items() if k.startswith("c")), default=None)
-        if best_c:
-            print(f"ratios: (c)/(a) = {best_c / results['a']:.2f} (target >= 2), "
-                  f"(c)/(b) = {best_c / results['b']:.2f} (target >= 0.75)")  # fmt: skip
+    for p in precisions:
+        b = results.get(f"b-{p}")
+        best_c = max((v for k, v in results.items() if k.startswith("c") and k.endswith(p)),
+                     default=None)  # fmt: skip
+        if "a" in results and b and best_c:
+            print(f"ratios ({p}): (c)/(a) = {best_c / results['a']:.2f} (target >= 2), "
+                  f"(c)/(b) = {best_c / b:.2f} (target >= 0.75)")  # fmt: skip
+    if "fp32" in precisions and "int8" in precisions:
+        for part in ("b", "c1", "c2"):
+            f32, i8 = results.get(f"{part}-fp32"), results.get(f"{part}-int8")
+            if f32 and i8:
+                print(f"int8/fp32 ({part}): {i8 / f32:.2f} (target >= 1.5)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ class ProducerSettings(SortlineSettings):
 
     batch_size: int = 16
     queue: str = CPU_QUEUE
+    max_queued: int = 10_000  # images waiting per queue before producers wait; 0: no limit
 
 
 @settings_getter

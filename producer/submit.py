@@ -18,14 +18,70 @@ from producer.config import IMAGE_EXTENSIONS, get_producer_settings
 from sortline.errors import SortlineError
 from sortline.names import CLASSIFY_TASK, INFERENCE_QUEUES
 from worker.inputs import build_message, display_ref
+from worker.queues import IMAGES_HEADER, queued_images
 
 log = logging.getLogger(__name__)
 
 TASK = CLASSIFY_TASK
+ROOM_POLL = 0.05  # seconds between looks at a full queue
 
 
 class NothingToDo(SortlineError, ValueError):
     """The paths named no image."""
+
+
+class QueueFull(SortlineError):
+    """The queue has no room for a job that was told not to wait for it."""
+
+
+WHEN_FULL = ("wait", "refuse")
+
+
+def _room_check(queue: str, limit: int, *, client) -> Callable[[int], None]:
+    """A function that blocks until *queue* has room for *n* more images under *limit*."""
+    warned = False
+
+    def wait(n: int) -> None:
+        nonlocal warned
+        while (queued := queued_images(queue, client=client)) + n > limit and queued > 0:
+            if not warned:
+                log.warning("queue %s holds %d images (SORTLINE_MAX_QUEUED=%d); waiting for "
+                            "the workers to take some", queue, queued, limit)  # fmt: skip
+                warned = True
+            time.sleep(ROOM_POLL)
+
+    return wait
+
+
+def queue_depth(queue: str) -> dict:
+    """Images waiting on *queue*, and the producers' limit (``SORTLINE_MAX_QUEUED``, 0: none)."""
+    return {
+        "queue": queue,
+        "images": queued_images(queue),
+        "limit": get_producer_settings().max_queued,
+    }
+
+
+def queue_line(queue: str, depth: dict | None) -> str:
+    """One line for people: how full *queue* is."""
+    if depth is None:
+        return f"queue {queue}: depth unknown"
+    limit = f" of at most {depth['limit']}" if depth["limit"] else " (no limit)"
+    return f"queue {queue}: {depth['images']} images waiting{limit}"
+
+
+def refuse_if_full(queue: str, n: int) -> None:
+    """Raise :class:`QueueFull` unless *queue* has room for *n* more images right now."""
+    limit = get_producer_settings().max_queued
+    if not limit:
+        return
+    queued = queued_images(queue)
+    if queued + n > limit:
+        raise QueueFull(
+            f"queue {queue} holds {queued} images and SORTLINE_MAX_QUEUED is {limit}: no room "
+            f"for {n} more; submit again when the workers have caught up, or without "
+            "--when-full refuse to wait for room"
+        )
 
 
 def _is_glob(s: str) -> bool:
@@ -74,18 +130,27 @@ def _chunks(seq: Sequence, n: int) -> Iterable[tuple[int, Sequence]]:
 def send_items(
     job_id: str, items: list[dict], *, queue: str, batch_size: int, producer=None
 ) -> int:
-    """Send *items* (each with its ``pos``) as task messages of *batch_size*; return tasks sent."""
+    """Send *items* (each with its ``pos``) as task messages of *batch_size*; return tasks sent.
+
+    With ``SORTLINE_MAX_QUEUED`` set, each message waits until the queue has room for its
+    images (messages are cut to at most that many).
+    """
     from worker.app import app
 
+    limit = get_producer_settings().max_queued
     sent = 0
     now = time.time()
     with app.producer_or_acquire(producer) as producer:
-        for _, chunk in _chunks(items, max(1, batch_size)):
+        room = _room_check(queue, limit, client=producer.channel.client) if limit else None
+        for _, chunk in _chunks(items, max(1, min(batch_size, limit or batch_size))):
+            if room is not None:
+                room(len(chunk))
             app.send_task(
                 TASK,
                 args=[build_message(job_id, list(chunk), now)],
                 queue=queue,
                 producer=producer,
+                headers={IMAGES_HEADER: len(chunk)},
                 retry=True,
                 retry_policy={"max_retries": 10, "interval_start": 0.5, "interval_step": 1},
             )
@@ -93,14 +158,25 @@ def send_items(
     return sent
 
 
-def _submit(items: list[dict], *, source: str, queue: str | None, batch_size: int | None) -> str:
+def _submit(
+    items: list[dict],
+    *,
+    source: str,
+    queue: str | None,
+    batch_size: int | None,
+    when_full: str = "wait",
+) -> str:
     s = get_producer_settings()
     queue = queue or s.queue
     batch_size = batch_size or s.batch_size
     if queue not in INFERENCE_QUEUES:
         raise ValueError(f"queue must be cpu or gpu, not {queue!r}")
+    if when_full not in WHEN_FULL:
+        raise ValueError(f"when_full must be wait or refuse, not {when_full!r}")
     if not items:
         raise NothingToDo("no images to submit")
+    if when_full == "refuse":
+        refuse_if_full(queue, len(items))
     ensure_schema()
     with session_scope() as session:
         job_id = create_job(session, source=source, queue=queue, total=len(items)).id
@@ -117,8 +193,12 @@ def submit_paths(
     pattern: str | None = None,
     queue: str | None = None,
     batch_size: int | None = None,
+    when_full: str = "wait",
 ) -> str:
     """Submit image files (files, folders, globs) as one job; return the job id.
+
+    A queue holding ``SORTLINE_MAX_QUEUED`` images makes this wait for room, or with
+    ``when_full="refuse"`` raise :class:`QueueFull` before anything is created or sent.
 
     Example:
         >>> job_id = submit_paths(["photos/"], recursive=True)  # doctest: +SKIP
@@ -129,7 +209,7 @@ def submit_paths(
         raise NothingToDo(f"no images found in {', '.join(map(str, paths))}")
     items = [{"pos": i, "path": f} for i, f in enumerate(files)]
     source = display_ref(", ".join(str(p) for p in paths)[:2000])  # non-UTF-8 names escaped
-    return _submit(items, source=source, queue=queue, batch_size=batch_size)
+    return _submit(items, source=source, queue=queue, batch_size=batch_size, when_full=when_full)
 
 
 def submit_bytes(
@@ -138,6 +218,7 @@ def submit_bytes(
     queue: str | None = None,
     batch_size: int | None = None,
     source: str = "bytes",
+    when_full: str = "wait",
 ) -> str:
     """Submit images given as bytes (or ``(key, bytes)`` pairs); return the job id."""
     items = []
@@ -145,7 +226,7 @@ def submit_bytes(
         key, data = img if isinstance(img, tuple) else (None, img)
         key = key or "sha256:" + hashlib.sha256(data).hexdigest()
         items.append({"pos": i, "key": key, "data": base64.b64encode(data).decode("ascii")})
-    return _submit(items, source=source, queue=queue, batch_size=batch_size)
+    return _submit(items, source=source, queue=queue, batch_size=batch_size, when_full=when_full)
 
 
 def wait_for_job(

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "status": (
         "jobs:status",
-        "Show a job's progress and its labels so far (JOB: id, prefix or 'latest').",
+        "Show a job's progress, its labels so far and its queue's depth (JOB: id, prefix or 'latest').",
     ),
     "results": ("jobs:results", "Print a job's per-image results (JOB: id, prefix or 'latest')."),
     "jobs": ("jobs:jobs", "List the newest jobs."),
@@ -76,6 +76,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": (
         "models:models",
         "List the registered model versions with their metrics; * marks the active one.",
+    ),
+    "quantize": (
+        "train:quantize",
+        "Calibrate a checkpoint for int8: compare calibration methods on val, keep the best.",
     ),
     "tune": ("tune:tune", "Hyper-parameter search: Optuna trials as tasks on the training queue."),
     "eda": (

@@ -20,6 +20,7 @@ class WorkerSettings(SortlineSettings):
     model_check_interval: float = 5.0  # seconds between looks at the registry's active model
     device: str = "auto"  # auto | cpu | cuda
     runtime: str = "auto"  # auto (ONNX Runtime on CPU, PyTorch on CUDA) | onnx | torch
+    precision: str = "auto"  # auto (int8 where the checkpoint has a calibration) | fp32 | int8
     max_batch: int = 8  # micro-batching: images per forward pass at most
     max_wait_ms: float = 20.0  # ... and how long the first image may wait for others
     allowed_roots: Annotated[list[str], NoDecode] = []  # empty: any path; split below

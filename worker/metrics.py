@@ -154,6 +154,26 @@ def _serve(**_) -> None:
     start_exporter(s.metrics_port, s.metrics_address, Path(os.environ[MULTIPROC_ENV]))
 
 
+class QueueDepth:
+    """``sortline_queue_depth{queue}``: images waiting in the broker, read when scraped."""
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from sortline.names import INFERENCE_QUEUES
+        from worker.queues import queued_images
+
+        g = GaugeMetricFamily(
+            "sortline_queue_depth", "Images waiting in the broker queue.", labels=["queue"]
+        )
+        for q in INFERENCE_QUEUES:
+            try:
+                g.add_metric([q], queued_images(q))
+            except Exception as e:  # a scrape must not fail because the broker is away
+                log.warning("queue depth of %s not read: %s", q, e)
+        yield g
+
+
 def start_exporter(port: int, address: str, path: Path):
     """Start an HTTP server in a thread serving the metrics recorded under *path*."""
     from prometheus_client import CollectorRegistry, start_http_server
@@ -161,6 +181,7 @@ def start_exporter(port: int, address: str, path: Path):
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))
+    registry.register(QueueDepth())
     server, _thread = start_http_server(port, addr=address, registry=registry)
     log.info("Prometheus metrics on http://%s:%d/metrics", address, port)
     return server

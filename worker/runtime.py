@@ -30,6 +30,7 @@ from training.model.checkpoint import (
     read_metadata,
     verify_sha256,
 )
+from training.model.export import PRECISIONS, resolve_precision
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,9 @@ class TorchBackend:
     def __init__(self, path: Path, expected_sha256: str | None, device: str):
         import torch
 
-        from training.model.checkpoint import file_sha256
-        from training.model.export import scored
+        from training.model.scored import scored
 
-        if expected_sha256 is not None and file_sha256(path) != expected_sha256:
-            raise CheckpointError(
-                f"{path}: sha256 does not match the registry; the file was changed after it "
-                "was registered"
-            )
+        verify_sha256(path, expected_sha256)
         model, _ = scored(path)
         self.device = torch.device(resolve_device(device))
         if self.device.type == "cpu":
@@ -115,6 +111,7 @@ class TorchBackend:
         else:
             model = model.half().to(self.device, memory_format=torch.channels_last)
         self.model = model.eval()
+        self.precision = "fp32" if self.device.type == "cpu" else "fp16"
 
     def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         """Logits, then the unfamiliarity scores if the checkpoint has its statistics."""
@@ -134,22 +131,23 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """ONNX Runtime on CPU, from an export cached next to the other caches."""
+    """ONNX Runtime on CPU (fp32 or int8), from an export cached next to the other caches."""
 
     name = "onnx"
     device = "cpu"
 
-    def __init__(self, path: Path, expected_sha256: str | None):
+    def __init__(self, path: Path, expected_sha256: str | None, precision: str = "fp32"):
         import onnxruntime as ort
 
         from training.config import get_training_settings
 
         verify_sha256(path, expected_sha256)
+        self.precision = precision
         cache = get_training_settings().cache_dir / "onnx"
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / ".lock", "w") as lock:  # one export even with many processes
             fcntl.flock(lock, fcntl.LOCK_EX)
-            onnx_path = _export_in_subprocess(path, cache)
+            onnx_path = _export_in_subprocess(path, cache, precision)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch_threads()
         opts.inter_op_num_threads = 1
@@ -164,17 +162,18 @@ class OnnxBackend:
         return self.session.run(None, {self.input: np.ascontiguousarray(batch)})
 
 
-def _export_in_subprocess(path: Path, cache: Path) -> Path:
-    """The cached ONNX export of *path*, made by a child process so this one never imports torch.
+def _export_in_subprocess(path: Path, cache: Path, precision: str) -> Path:
+    """The cached ONNX model of *path*, made by a child process so this one never imports torch.
 
     Keeping torch out of an ONNX Runtime worker saves about a gigabyte of resident memory.
     """
     out = subprocess.run(
-        [sys.executable, "-m", "training.model.export", str(path), "--cache-dir", str(cache)],
+        [sys.executable, "-m", "training.model.export", str(path), "--cache-dir", str(cache),
+         "--precision", precision],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
-    )
+    )  # fmt: skip
     if out.returncode != 0:
         raise CheckpointError(f"ONNX export of {path} failed: {out.stderr.strip()[-500:]}")
     return Path(out.stdout.strip().splitlines()[-1])
@@ -190,6 +189,7 @@ class Classifier:
         expected_sha256: str | None = None,
         device: str = "auto",
         runtime: str = "auto",
+        precision: str = "auto",
     ):
         self.path = Path(path)
         if not self.path.exists():
@@ -208,15 +208,25 @@ class Classifier:
         self.unfamiliar_threshold: float | None = override if override is not None else fitted
         if runtime not in ("auto", "onnx", "torch"):
             raise ConfigError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"SORTLINE_PRECISION must be auto, fp32 or int8, not {precision!r}")
         device = resolve_device(device)
         if runtime == "auto":
             runtime = "torch" if device == "cuda" else "onnx"
         if runtime == "onnx":
-            self.backend = OnnxBackend(self.path, expected_sha256)
+            precision = resolve_precision(self.path, precision)
+            self.backend = OnnxBackend(self.path, expected_sha256, precision)
+        elif precision == "int8":
+            raise ConfigError(
+                "SORTLINE_PRECISION=int8 runs on ONNX Runtime only; set SORTLINE_RUNTIME=onnx "
+                "(or auto on a CPU), or SORTLINE_PRECISION=auto"
+            )
         else:
             self.backend = TorchBackend(self.path, expected_sha256, device)
         self.batcher: MicroBatcher | None = None  # made by get_batcher on first use
-        log.info("loaded %s (%s) with %s", self.version, self.path, self.backend.name)
+        self.runtime = self.backend.name
+        self.precision = self.backend.precision
+        log.info("loaded %s (%s) with %s %s", self.version, self.path, self.runtime, self.precision)
 
     def close(self) -> None:
         """Let this model go once the tasks using it are done (its batcher thread ends)."""
@@ -232,6 +242,11 @@ class Classifier:
         probs = softmax(out[0], self.temperature)
         score = out[1] if len(out) > 1 else np.full(len(probs), np.nan)
         return np.concatenate([probs, score[:, None]], axis=1).astype(np.float32)
+
+
+def served_classifier(checkpoint: str | Path, *, runtime: str, precision: str) -> Classifier:
+    """The classifier a CPU worker with these settings would run, in this process."""
+    return Classifier(checkpoint, device="cpu", runtime=runtime, precision=precision)
 
 
 def resolve_device(device: str) -> str:
@@ -379,6 +394,7 @@ def get_classifier() -> Classifier:
                 expected_sha256=choice.expected_sha256,
                 device=s.device,
                 runtime=s.runtime,
+                precision=s.precision,
             )
             _choice = choice
             if old is not None:

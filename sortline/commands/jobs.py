@@ -14,7 +14,14 @@ from db.config import get_db_settings
 from db.engine import session_scope
 from db.service import get_job, job_state, label_counts, list_jobs, list_results
 from db.text import clean_text, csv_cell
-from producer.submit import submit_bytes, submit_paths, wait_for_job
+from producer.submit import (
+    WHEN_FULL,
+    queue_depth,
+    queue_line,
+    submit_bytes,
+    submit_paths,
+    wait_for_job,
+)
 from sortline.names import INFERENCE_QUEUES
 
 RESULT_FIELDS = (
@@ -55,17 +62,28 @@ def _wait_with_progress(job_id: str, quiet: bool):
         return wait_for_job(job_id, on_progress=lambda n, t: bar.update(task, completed=n, total=t))
 
 
-def _print_summary(job_id: str, as_json: bool) -> None:
+def _print_summary(job_id: str, as_json: bool, *, with_queue: bool = False) -> None:
     with session_scope() as session:
         job = get_job(session, job_id=job_id)
         counts = label_counts(session, job_id=job.id)
     info = _job_dict(job)
+    depth = queue_depth(job.queue) if with_queue else None
     if as_json:
-        click.echo(json.dumps({**info, "labels": counts}))
+        click.echo(
+            json.dumps(
+                {
+                    **info,
+                    "labels": counts,
+                    **({"queue_depth": depth} if with_queue else {}),
+                }
+            )
+        )
         return
     click.echo(f"job {job.id}: {info['status']}, {job.done} labelled, {job.failed} errors")
     for label, n in counts.items():
         click.echo(f"  {clean_text(label):<12} {n}")
+    if with_queue:
+        click.echo(queue_line(job.queue, depth))
 
 
 @click.command()
@@ -79,9 +97,15 @@ def _print_summary(job_id: str, as_json: bool) -> None:
 @click.option(
     "--bytes", "as_bytes", is_flag=True, help="Send image bytes, not paths ('-' = stdin)."
 )
+@click.option(
+    "--when-full", type=click.Choice(WHEN_FULL), default="wait", show_default=True,
+    help="When the queue holds SORTLINE_MAX_QUEUED images: wait for room, or refuse the job.",
+)  # fmt: skip
 @click.option("--wait", is_flag=True, help="Show progress until the job finishes, then a summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json) -> None:
+def submit(
+    paths, recursive, pattern, queue, batch_size, as_bytes, when_full, wait, as_json
+) -> None:
     """Classify image files, folders or globs (PATHS) as one job; print its id."""
     if as_bytes:
         from producer.submit import expand_paths
@@ -96,11 +120,14 @@ def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json
             else:
                 for f in expand_paths([p], recursive=recursive, pattern=pattern):
                     blobs.append((f, read_local_file(f, max_bytes=limit)))
-        job_id = submit_bytes(blobs, queue=queue, batch_size=batch_size, source=", ".join(paths))
+        job_id = submit_bytes(
+            blobs, queue=queue, batch_size=batch_size, source=", ".join(paths), when_full=when_full
+        )
     else:
         job_id = submit_paths(
-            paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size
-        )
+            paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size,
+            when_full=when_full,
+        )  # fmt: skip
     if wait:
         _wait_with_progress(job_id, quiet=as_json)
         _print_summary(job_id, as_json)
@@ -114,8 +141,8 @@ def submit(paths, recursive, pattern, queue, batch_size, as_bytes, wait, as_json
 @click.argument("job")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(job: str, as_json: bool) -> None:
-    """Show a job's progress and its labels so far (JOB: id, prefix or 'latest')."""
-    _print_summary(job, as_json)
+    """Show a job's progress, its labels so far and its queue's depth (JOB: id, prefix or 'latest')."""
+    _print_summary(job, as_json, with_queue=True)
 
 
 @click.command()

@@ -43,3 +43,21 @@ cache_dir_option = click.option(
     default=None,
     help="Cache of resized images and features [SORTLINE_CACHE_DIR].",
 )
+
+
+def runtime_options(f):
+    """``--runtime`` and ``--precision``: classify as a worker would (defaults: a CPU worker's)."""
+    f = click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "int8"]),
+        default="auto",
+        show_default=True,
+        help="ONNX Runtime precision; auto: int8 where the checkpoint has a calibration.",
+    )(f)
+    return click.option(
+        "--runtime",
+        type=click.Choice(["onnx", "torch"]),
+        default="onnx",
+        show_default=True,
+        help="Inference runtime, as SORTLINE_RUNTIME (a CPU worker uses onnx).",
+    )(f)

@@ -15,6 +15,7 @@ from sortline.commands.options import (
     checkpoint_option,
     mode_option,
     pretrained_option,
+    runtime_options,
 )
 from training.data.augment import PRESETS
 
@@ -283,21 +284,25 @@ def _config_from_study(study: str, **run_options):
     type=click.Path(exists=True, file_okay=False),
     help="Labelled ImageFolder directory (class folders named like the model's classes).",
 )
+@runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
-def evaluate(checkpoint, data, as_json) -> None:
+def evaluate(checkpoint, data, runtime, precision, as_json) -> None:
     """Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."""
     from training.fit.evaluate import evaluate_checkpoint, report_text
     from training.reports.metrics import with_interval
+    from worker.runtime import served_classifier
 
-    m = evaluate_checkpoint(checkpoint, data, **_review_settings())
+    clf = served_classifier(checkpoint, runtime=runtime, precision=precision)
+    m = evaluate_checkpoint(checkpoint, data, predict=clf.predict, **_review_settings())
+    m.update(runtime=clf.runtime, precision=clf.precision)
     if as_json:
-        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion",
-                "intervals", "review_threshold", "unfamiliar_threshold", "unfamiliar_rate",
-                "needs_review_rate", "confident_error_rate")  # fmt: skip
+        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "runtime", "precision",
+                "skipped", "confusion", "intervals", "review_threshold", "unfamiliar_threshold",
+                "unfamiliar_rate", "needs_review_rate", "confident_error_rate")  # fmt: skip
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
         return
     classes = list(m["per_class"])
-    click.echo(f"model {m['model']} on {data}")
+    click.echo(f"model {m['model']} ({m['runtime']} {m['precision']}) on {data}")
     click.echo(report_text(m, classes), nl=False)
     ci = m["intervals"]
     click.echo(
@@ -323,16 +328,20 @@ def evaluate(checkpoint, data, as_json) -> None:
     default=None,
     help="Also save a gallery PNG of the photos titled with label and confidence.",
 )
+@runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
-def predict(images, checkpoint, grid, as_json) -> None:
+def predict(images, checkpoint, grid, runtime, precision, as_json) -> None:
     """Classify image files: label and calibrated confidence for each."""
     from training.fit.evaluate import predict_files
     from training.reports.charts import gallery
+    from worker.runtime import served_classifier
 
     missing = [str(p) for p in images if not p.exists()]
     if missing:
         fail(f"no such file: {', '.join(missing)}")
-    results = predict_files(images, checkpoint, **_review_settings())
+    clf = served_classifier(checkpoint, runtime=runtime, precision=precision)
+    results = predict_files(images, checkpoint, predict=clf.predict, **_review_settings())
+    served = {"runtime": clf.runtime, "precision": clf.precision}
     failed = 0
     for r in results:
         if "error" in r:
@@ -345,7 +354,7 @@ def predict(images, checkpoint, grid, as_json) -> None:
         if as_json:
             keep = ("file", "label", "confidence", "probabilities", "unfamiliarity", "unfamiliar",
                     "needs_review")  # fmt: skip
-            click.echo(json.dumps({k: r[k] for k in keep}))
+            click.echo(json.dumps({**{k: r[k] for k in keep}, **served}))
         else:
             note = " unfamiliar: review" if r["unfamiliar"] else ""
             click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%}){note}")
@@ -463,6 +472,29 @@ def _review_settings() -> dict:
 
     s = get_worker_settings()
     return {"review_threshold": s.review_threshold, "unfamiliar_override": s.unfamiliar_threshold}
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@checkpoint_option
+@click.option(
+    "--images", type=click.IntRange(10), default=300, show_default=True,
+    help="Training-split images to calibrate on.",
+)  # fmt: skip
+@click.option(
+    "--method", "methods", multiple=True, type=click.Choice(["minmax", "minmax-average", "percentile", "entropy"]),
+    help="Calibration method to try (repeat; default: minmax and minmax-average).",
+)  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+def quantize(
+    data: Path, checkpoint: Path, images: int, methods: tuple[str, ...], seed: int
+) -> None:
+    """Calibrate a checkpoint for int8: compare calibration methods on val, keep the best."""
+    from training.fit.quantize import calibrate_int8
+
+    kw = {"methods": methods} if methods else {}
+    res = calibrate_int8(checkpoint, data, images=images, seed=seed, **kw)
+    click.echo(json.dumps(res, indent=1))
 
 
 def _cache(cache_dir: Path | None) -> Path:

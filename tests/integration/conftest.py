@@ -56,12 +56,16 @@ def make_worker(tiny_model, db_url, tmp_path):
     """Start real Celery worker processes against this test's database and the tiny model."""
     started: list[CeleryWorker] = []
 
-    def start(*, queues="cpu", concurrency=1, env=None, extra=None, name=None) -> CeleryWorker:
+    def start(
+        *, queues="cpu", concurrency=1, env=None, extra=None, name=None, app=None
+    ) -> CeleryWorker:
         w = CeleryWorker(
             {"SORTLINE_DATABASE_URL": db_url, "SORTLINE_MODEL": str(tiny_model), **(env or {})},
             queues=queues, concurrency=concurrency, extra=extra, name=name,
             log=tmp_path / f"worker-{len(started)}.log",
         )  # fmt: skip
+        if app:
+            w.argv[w.argv.index("worker.app")] = app
         started.append(w)
         return w.start()
 

@@ -4,7 +4,8 @@ Start a worker with ``-A tests.support.faulty_app``. An image reference containi
 ``POISON-RAISE`` makes the task raise every time; one containing ``POISON-CRASH`` kills the
 pool process running it (as a segfault or the OOM killer would); one containing
 ``POISON-HANG`` blocks the soft time limit's signal and sleeps, so that only the hard time limit
-ends it. Each such attempt appends a line to ``$SORTLINE_TEST_ATTEMPTS``.
+ends it. Each such attempt appends a line to ``$SORTLINE_TEST_ATTEMPTS``. With
+``$SORTLINE_TEST_DELAY_S`` set, every message first sleeps that long (a slow worker).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def _note(kind: str, msg) -> None:
 
 
 def faulty_classify_message(msg, *, worker):
+    time.sleep(float(os.environ.get("SORTLINE_TEST_DELAY_S", "0")))
     refs = " ".join(it.ref for it in msg.items)
     if "POISON-CRASH" in refs:
         _note("crash", msg)

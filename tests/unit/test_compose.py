@@ -295,9 +295,13 @@ def test_dockerfile():
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*sortline\", \"health", text, re.MULTILINE | re.DOTALL)
-    assert "COPY models/sortline-trashnet.safetensors models/" in text
+    assert (
+        "COPY models/sortline-trashnet.safetensors models/sortline-trashnet.int8.json models/"
+        in text
+    )
     assert re.search(r"^ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu$", text, re.M)
     ignored = (REPO / ".dockerignore").read_text().split()
     for path in (".env", ".venv", ".git", "*.db", "cache", "runs"):
         assert path in ignored
     assert "!models/sortline-trashnet.safetensors" in ignored
+    assert "!models/sortline-trashnet.int8.json" in ignored  # the int8 calibration ships too

@@ -89,3 +89,100 @@ def test_micro_batcher_lone_caller_does_not_wait_and_large_calls_are_chunked():
         got = mb.predict(np.arange(10, dtype=np.float32).reshape(10, 1))
     assert time.monotonic() - t0 < 1.0
     assert sizes == [4, 4, 2] and got[:, 0].tolist() == list(range(10))
+
+
+# ---------------------------------------------------------------- int8
+
+
+@pytest.fixture
+def calibrated(tiny_model, tmp_path):
+    """A copy of the tiny checkpoint with its int8 calibration beside it, as `sortline quantize` writes."""
+    import shutil
+
+    from tests.unit.test_training import make_imagefolder
+    from training.fit.quantize import calibrate_int8
+
+    ckpt = tmp_path / "m" / "tiny.safetensors"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_model, ckpt)
+    data = make_imagefolder(tmp_path / "data", per_class=10)
+    report = calibrate_int8(ckpt, data, images=30, methods=("minmax", "minmax-average"))
+    return ckpt, report
+
+
+def test_calibration_compares_methods_on_val_and_keeps_the_best(calibrated):
+    import json
+
+    from training.model.checkpoint import file_sha256
+
+    ckpt, report = calibrated
+    assert set(report["methods"]) == {"minmax", "minmax-average"} and report["images"] == 30
+    kept = report["methods"][report["method"]]
+    assert kept["agreement"] >= 0.99
+    assert kept["macro_f1"] == max(m["macro_f1"] for m in report["methods"].values())
+    info = json.loads((ckpt.parent / "tiny.int8.json").read_text())["sortline"]
+    assert info["checkpoint_sha256"] == file_sha256(ckpt) and info["method"] == report["method"]
+
+
+def test_int8_model_is_cached_beside_fp32_and_close_to_it(
+    calibrated, batch, tmp_path, monkeypatch, request
+):
+    from db.config import clear_settings
+
+    monkeypatch.setenv("SORTLINE_CACHE_DIR", str(tmp_path / "cache"))
+    clear_settings()
+    request.addfinalizer(clear_settings)
+    ckpt, _ = calibrated
+    int8 = Classifier(ckpt, runtime="onnx", device="cpu")  # auto: int8, as it is calibrated
+    fp32 = Classifier(ckpt, runtime="onnx", device="cpu", precision="fp32")
+    assert (int8.precision, fp32.precision) == ("int8", "fp32")
+    names = sorted(p.name for p in (tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert [n.split(".", 1)[1] for n in names] == ["fp32.onnx", "int8.onnx"]
+    assert names[0].split(".")[0] == names[1].split(".")[0]  # one key: the checkpoint's sha256
+    nc = len(fp32.classes)  # predict: the probabilities, then the unfamiliarity score
+    p8, p32 = int8.predict(batch)[:, :nc], fp32.predict(batch)[:, :nc]
+    assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.9 and np.abs(p8 - p32).max() < 0.1
+
+
+def test_int8_that_disagrees_with_fp32_is_refused(calibrated, tmp_path):
+    """The parity check refuses a model whose labels differ on more than 1% of the check images."""
+    import onnx
+    from onnx import numpy_helper
+
+    from training.model.export import (
+        ExportError,
+        cached_onnx,
+        check_arrays,
+        check_labels,
+        onnx_logits,
+    )
+
+    ckpt, _ = calibrated
+    arrays = check_arrays(ckpt)
+    fp32 = cached_onnx(ckpt, tmp_path / "cache")
+    ours = cached_onnx(ckpt, tmp_path / "cache", precision="int8")
+    assert check_labels(fp32, ours, arrays) <= 0.01
+    # a model that says "the class fp32 never picks" for every image
+    model = onnx.load(fp32)
+    bias = next(t for t in model.graph.initializer if t.name.endswith("classifier.bias"))
+    never = int(np.bincount(onnx_logits(fp32, arrays).argmax(1), minlength=6).argmin())
+    b = np.zeros(6, np.float32)
+    b[never] = 1e4
+    bias.CopyFrom(numpy_helper.from_array(b, bias.name))
+    other = tmp_path / "other.onnx"
+    onnx.save(model, other)
+    with pytest.raises(ExportError, match=r"labels differ from fp32 on \d+ of \d+ check images"):
+        check_labels(fp32, other, arrays)
+
+
+def test_precision_without_a_calibration(tiny_model):
+    from sortline.errors import ConfigError
+    from training.model.export import resolve_precision
+
+    assert resolve_precision(tiny_model, "auto") == "fp32"
+    with pytest.raises(ConfigError, match="no int8 calibration .*sortline quantize"):
+        Classifier(tiny_model, runtime="onnx", device="cpu", precision="int8")
+    with pytest.raises(ConfigError, match="ONNX Runtime only"):
+        Classifier(tiny_model, runtime="torch", device="cpu", precision="int8")
+    with pytest.raises(ConfigError, match="SORTLINE_PRECISION must be"):
+        Classifier(tiny_model, precision="int4")

@@ -58,6 +58,20 @@ def test_evaluate_json(trained):
     assert m["unfamiliar_threshold"] > 0 and 0 <= m["unfamiliar_rate"] <= m["needs_review_rate"]
     wrong = 1 - m["accuracy"]
     assert max(0.0, wrong - m["needs_review_rate"]) - 1e-9 <= m["confident_error_rate"] <= wrong
+    assert (m["runtime"], m["precision"]) == ("onnx", "fp32")  # a CPU worker's; no calibration
+    r = CliRunner().invoke(
+        cli,
+        ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json",
+         "--runtime", "torch"],
+    )  # fmt: skip
+    t = json.loads(r.output.strip().splitlines()[-1])
+    assert (t["runtime"], t["precision"]) == ("torch", "fp32")
+    assert abs(t["accuracy"] - m["accuracy"]) <= 1 / m["n"]  # the two runtimes agree
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]),
+              "--precision", "int8"],
+    )  # fmt: skip
+    assert r.exit_code == 1 and "no int8 calibration" in r.output and "Traceback" not in r.output
 
 
 def test_evaluate_threshold_setting_flags_everything(trained):
@@ -87,6 +101,7 @@ def test_predict_json_and_grid(trained, tmp_path):
     assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
     assert lines[0]["unfamiliarity"] >= 0 and isinstance(lines[0]["unfamiliar"], bool)
     assert lines[0]["needs_review"] == (lines[0]["confidence"] < 0.6 or lines[0]["unfamiliar"])
+    assert (lines[0]["runtime"], lines[0]["precision"]) == ("onnx", "fp32")
     assert "error" in lines[1]
     assert grid.exists()
 
@@ -104,7 +119,7 @@ def test_user_errors_have_no_traceback(trained, tmp_path):
             str(tmp_path),
         ],
     )
-    assert r.exit_code != 0 and "not found" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "does not exist" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict"])

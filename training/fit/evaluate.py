@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,8 @@ from training.model.preprocess import PreprocessSpec, preprocess
 from training.reports.metrics import bootstrap_intervals, classification_metrics
 
 log = logging.getLogger(__name__)
+
+Predict = Callable[[np.ndarray], np.ndarray]  # preprocessed arrays -> calibrated probabilities
 
 
 # ---------------------------------------------------------------- inference
@@ -110,7 +112,7 @@ def score_splits(
 
 def _load(checkpoint: str | Path):
     from training.model.checkpoint import preprocess_spec
-    from training.model.export import scored
+    from training.model.scored import scored
 
     model, meta = scored(checkpoint)  # with the unfamiliarity score when the checkpoint has it
     model = model.to(memory_format=torch.channels_last)
@@ -120,7 +122,7 @@ def _load(checkpoint: str | Path):
 @torch.no_grad()
 def _predict(model, images: Sequence[Image.Image], spec: PreprocessSpec):
     """Logits and unfamiliarity scores (None without statistics) of PIL images."""
-    from training.model.export import ScoredModel
+    from training.model.scored import ScoredModel
 
     if not isinstance(model, ScoredModel):
         return predict_logits(model, images, spec), None
@@ -131,6 +133,33 @@ def _predict(model, images: Sequence[Image.Image], spec: PreprocessSpec):
         logits.append(lg.numpy())
         scores.append(sc.numpy())
     return np.concatenate(logits), np.concatenate(scores)
+
+
+def _probabilities(
+    checkpoint, images: list[Image.Image], predict: Predict | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Calibrated probabilities and unfamiliarity scores (None without statistics) of *images*.
+
+    By *predict* (a worker classifier's: probabilities, then the score as a last column), or
+    by PyTorch in process.
+    """
+    if predict is None:
+        model, meta, spec = _load(checkpoint)
+        logits, scores = _predict(model, images, spec)
+        return softmax(logits, float(meta.get("temperature", 1.0))), scores
+    meta, spec = _meta(checkpoint)
+    nc = len(meta["classes"])
+    chunks = [images[i : i + 32] for i in range(0, len(images), 32)]
+    out = np.concatenate([predict(np.stack([preprocess(im, spec) for im in c])) for c in chunks])
+    scores = out[:, nc].astype(np.float64)
+    return out[:, :nc], (None if np.isnan(scores).all() else scores)
+
+
+def _meta(checkpoint):
+    from training.model.checkpoint import preprocess_spec, read_metadata
+
+    meta = read_metadata(checkpoint)
+    return meta, preprocess_spec(meta)
 
 
 def unfamiliar_threshold(meta: dict, override: float | None = None) -> float | None:
@@ -160,18 +189,20 @@ def evaluate_checkpoint(
     *,
     review_threshold: float = 0.6,
     unfamiliar_override: float | None = None,
+    predict: Predict | None = None,
 ) -> dict:
     """Score a checkpoint on every readable image of a labelled ImageFolder directory.
 
     The figures come with bootstrap 95% intervals (``intervals``). Class folders must be a
     subset of the checkpoint's classes. Images are decoded and preprocessed exactly as the
-    worker does. Besides accuracy and ECE: the shares flagged for review and the
-    confident-error rate (wrong and not flagged) at *review_threshold*.
+    worker does; with *predict* (a worker classifier's ``predict``), they are also classified
+    by the worker's runtime and precision. Besides accuracy and ECE: the shares flagged for
+    review and the confident-error rate (wrong and not flagged) at *review_threshold*.
     """
     from training.data.dataset import DatasetError, scan_imagefolder
     from training.model.imaging import decode_image
 
-    model, meta, spec = _load(checkpoint)
+    meta, spec = _meta(checkpoint)
     classes = meta["classes"]
     ds = scan_imagefolder(data)
     unknown = [c for c in ds.classes if c not in classes]
@@ -183,11 +214,10 @@ def evaluate_checkpoint(
         decode_image((ds.root / s.file).read_bytes(), draft=(spec.resize, spec.resize))
         for s in ds.samples
     ]
-    logits, scores = _predict(model, images, spec)
+    probs, scores = _probabilities(checkpoint, images, predict)
     y = [classes.index(s.label) for s in ds.samples]
-    m = classification_metrics(y, logits.argmax(1).tolist(), classes)
-    m["intervals"] = bootstrap_intervals(y, logits.argmax(1), classes)
-    probs = softmax(logits, float(meta.get("temperature", 1.0)))
+    m = classification_metrics(y, probs.argmax(1).tolist(), classes)
+    m["intervals"] = bootstrap_intervals(y, probs.argmax(1), classes)
     m["ece"] = expected_calibration_error(probs, y)
     thr = unfamiliar_threshold(meta, unfamiliar_override)
     m.update(review_figures(probs, y, scores, review=review_threshold, thr=thr))
@@ -202,12 +232,13 @@ def predict_files(
     *,
     review_threshold: float = 0.6,
     unfamiliar_override: float | None = None,
+    predict: Predict | None = None,
 ) -> list[dict]:
     """Label, calibrated confidence, unfamiliarity and needs_review for each image file."""
     from training.model.imaging import ImageError, decode_image
 
-    model, meta, spec = _load(checkpoint)
-    classes, t = meta["classes"], float(meta.get("temperature", 1.0))
+    meta, spec = _meta(checkpoint)
+    classes = meta["classes"]
     out, images, ok = [], [], []
     for p in paths:
         try:
@@ -218,8 +249,7 @@ def predict_files(
             out.append({"file": str(p), "error": str(e)})
     thr = unfamiliar_threshold(meta, unfamiliar_override)
     if images:
-        logits, scores = _predict(model, images, spec)
-        probs = softmax(logits, t)
+        probs, scores = _probabilities(checkpoint, images, predict)
         for j, (i, pr) in enumerate(zip(ok, probs, strict=True)):
             k = int(pr.argmax())
             score = float(scores[j]) if scores is not None else None

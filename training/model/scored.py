@@ -1,0 +1,35 @@
+"""A checkpoint's model that also scores how unfamiliar each image is, in one forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ScoredModel(torch.nn.Module):
+    """A classifier that also returns each image's unfamiliarity score, in one forward pass."""
+
+    def __init__(self, model: torch.nn.Module, stats: dict[str, np.ndarray]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("whiten", torch.from_numpy(np.asarray(stats["whiten"], np.float32)))
+        self.register_buffer("means", torch.from_numpy(np.asarray(stats["means"], np.float32)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from training.model.factory import forward_features, head_module
+
+        f = forward_features(self.model, x)
+        z = f.float() @ self.whiten
+        d = (z * z).sum(1, keepdim=True) - 2 * z @ self.means.T + (self.means**2).sum(1)
+        return head_module(self.model)(f), d.min(1).values
+
+
+def scored(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's model, wrapped in :class:`ScoredModel` when it has the statistics."""
+    from training.model.checkpoint import load_checkpoint, read_unfamiliarity
+
+    model, meta = load_checkpoint(checkpoint)
+    stats = read_unfamiliarity(checkpoint)
+    return (ScoredModel(model, stats).eval() if stats else model), meta
