@@ -31,6 +31,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "results": ("jobs:results", "Print a job's per-image results (JOB: id, prefix or 'latest')."),
     "jobs": ("jobs:jobs", "List the newest jobs."),
+    "cancel": (
+        "jobs:cancel",
+        "Cancel a job: drop its queued messages, revoke its tasks; rows already written stay.",
+    ),
+    "close": (
+        "jobs:close",
+        "Close a streaming job left open; it is done once every image it received has a row.",
+    ),
     "worker": (
         "worker:worker",
         "Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`).",

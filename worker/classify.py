@@ -53,6 +53,9 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
         job = session.get(Job, msg.job_id)
         if job is None:
             raise MessageError(f"unknown job {msg.job_id!r}")
+        if job.status == "cancelled":  # `sortline cancel`: its remaining images are skipped
+            log.info("job %s is cancelled; skipping %d images", msg.job_id, len(msg.items))
+            return 0
         done = existing_positions(session, job_id=msg.job_id, positions=[i.pos for i in msg.items])
         total = job.total
     beyond = [it.pos for it in msg.items if it.pos >= total]

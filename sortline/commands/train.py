@@ -270,6 +270,7 @@ def evaluate(checkpoint, data, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def predict(images, checkpoint, grid, as_json) -> None:
     """Classify image files: label and calibrated confidence for each."""
+    from sortline.commands.records import image_record
     from training.fit.evaluate import predict_files
     from training.reports.charts import gallery
 
@@ -282,14 +283,13 @@ def predict(images, checkpoint, grid, as_json) -> None:
         if "error" in r:
             failed += 1
             if as_json:
-                click.echo(json.dumps({"file": r["file"], "error": r["error"]}))
+                click.echo(json.dumps(image_record(r["file"], error=r["error"])))
             else:
                 click.echo(f"{r['file']}: error: {r['error']}", err=True)
             continue
         if as_json:
-            click.echo(
-                json.dumps({k: r[k] for k in ("file", "label", "confidence", "probabilities")})
-            )
+            fields = {k: r[k] for k in ("label", "confidence", "probabilities")}
+            click.echo(json.dumps(image_record(r["file"], **fields)))
         else:
             click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%})")
     if grid:

@@ -45,7 +45,8 @@ def test_registry_help_is_the_commands_first_docstring_line(name):
 
 
 @pytest.mark.parametrize(
-    "typo,near", [("sbumit", "submit"), ("stauts", "status"), ("jbos", "jobs")]
+    "typo,near",
+    [("sbumit", "submit"), ("stauts", "status"), ("jbos", "jobs"), ("cancle", "cancel")],
 )
 def test_mistyped_command_suggests_the_nearest(typo, near):
     out = CliRunner().invoke(cli, [typo])
