@@ -105,6 +105,16 @@ def _chunks(seq: Sequence, n: int) -> Iterable[tuple[int, Sequence]]:
         yield i, seq[i : i + n]
 
 
+def task_summary(job_id: str, items: Sequence[dict], names: int = 3) -> str:
+    """How a task shows in Flower: ``job 1a2b3c4d: 16 images (a.jpg, b.jpg, c.jpg, ...)``."""
+    shown = [
+        display_ref(os.path.basename(it["path"]) if "path" in it else it.get("key", "?"))[:60]
+        for it in items[:names]
+    ]
+    more = ", ..." if len(items) > names else ""
+    return f"job {job_id[:8]}: {len(items)} images ({', '.join(shown)}{more})"
+
+
 def send_items(
     job_id: str, items: list[dict], *, queue: str, batch_size: int, producer=None
 ) -> int:
@@ -118,6 +128,7 @@ def send_items(
             app.send_task(
                 TASK,
                 args=[build_message(job_id, list(chunk), now)],
+                argsrepr=task_summary(job_id, chunk),
                 queue=queue,
                 producer=producer,
                 retry=True,
