@@ -18,6 +18,8 @@ def parse_cli(group: click.Group, prog: str, args: list[str], obj=None) -> list[
         ctx = ctxs[-1]
         rest = [*getattr(ctx, "_protected_args", ctx.protected_args), *ctx.args]
         if not rest:
+            if cmd.invoke_without_command:  # e.g. `sortline tune --study ...`
+                break
             raise click.UsageError(f"`{prog}` needs a command", ctx)
         name, cmd, rest = cmd.resolve_command(ctx, rest)
         ctxs.append(cmd.make_context(name, rest, parent=ctx))
