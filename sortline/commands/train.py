@@ -220,7 +220,9 @@ _STUDY_DECIDES = (
 def _config_from_study(study: str, **run_options):
     """The run configuration of `train --from-study NAME` (the study's best trial)."""
     from training.tune.runner import run_config_from_study
+    from training.tune.study import quiet_optuna
 
+    quiet_optuna()
     ctx = click.get_current_context()
     given = [
         p for p in _STUDY_DECIDES
