@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,8 +103,33 @@ class _WorkerWatch:
         self.missing = missing
 
 
-def _wait_with_progress(job_id: str, queue: str, quiet: bool, timeout: float | None):
-    """Wait for the job with a progress bar (rate, ETA) on stderr, or quietly; return it."""
+class _CtrlC:
+    """Ctrl-C while waiting is noted and raised between two polls, never inside a database
+    call (psycopg would turn it into another error and a traceback)."""
+
+    def __enter__(self) -> _CtrlC:
+        self.pressed = False
+        self.before = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, signum, frame) -> None:
+        self.pressed = True
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.before)
+
+
+def _wait_with_progress(
+    job_id: str, queue: str, quiet: bool, timeout: float | None, check: Callable[[], None]
+):
+    """Wait for the job with a progress bar (rate, ETA) on stderr, or quietly; return it.
+
+    *check* runs before each poll (it raises to stop waiting).
+    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -116,7 +142,12 @@ def _wait_with_progress(job_id: str, queue: str, quiet: bool, timeout: float | N
     console = Console(stderr=True)
     if quiet:
         watch = _WorkerWatch(queue, lambda m: click.echo(m, err=True))
-        return wait_for_job(job_id, timeout=timeout, on_progress=watch)
+
+        def quietly(n: int, total: int) -> None:
+            check()
+            watch(n, total)
+
+        return wait_for_job(job_id, timeout=timeout, on_progress=quietly)
     with Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
         _RateColumn(), TimeElapsedColumn(), "ETA", TimeRemainingColumn(), console=console,
@@ -125,6 +156,7 @@ def _wait_with_progress(job_id: str, queue: str, quiet: bool, timeout: float | N
         watch = _WorkerWatch(queue, bar.console.print)
 
         def progress(n: int, total: int) -> None:
+            check()
             bar.update(task, completed=n, total=total)
             watch(n, total)
 
@@ -208,14 +240,16 @@ def submit(
             worker_paths=worker_paths,
         )  # fmt: skip
     if wait:
-        if not as_json:
-            click.echo(job_id)
-        try:
-            job = _wait_with_progress(job_id, job_queue(job_id), quiet=as_json, timeout=timeout)
-        except KeyboardInterrupt:
-            fail(f"stopped waiting; {_goes_on(job_id)}", 130)
-        except TimeoutError:
-            fail(f"job {job_id} not finished after {timeout:g} s; {_goes_on(job_id)}")
+        with _CtrlC() as ctrl_c:
+            try:
+                if not as_json:
+                    click.echo(job_id)
+                queue = job_queue(job_id)
+                job = _wait_with_progress(job_id, queue, as_json, timeout, ctrl_c.check)
+            except KeyboardInterrupt:
+                fail(f"stopped waiting; {_goes_on(job_id)}", 130)
+            except TimeoutError:
+                fail(f"job {job_id} not finished after {timeout:g} s; {_goes_on(job_id)}")
         job = _print_summary(job.id, as_json)
         if job.status in ("cancelled", "failed"):
             fail(f"job {job.id} {job.status}")

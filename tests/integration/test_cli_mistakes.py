@@ -86,7 +86,7 @@ def test_ctrl_c_while_waiting_says_the_job_goes_on(db_url, tmp_path):
     job_id = proc.stdout.readline().strip()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert "Aborted!" not in err
     assert f"stopped waiting; the job goes on: `sortline status {job_id[:8]}`" in err
     assert f"`sortline cancel {job_id[:8]}` stops it" in err
