@@ -7,7 +7,8 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -103,24 +104,44 @@ class _WorkerWatch:
         self.missing = missing
 
 
-class _CtrlC:
-    """Ctrl-C while waiting is noted and raised between two polls, never inside a database
-    call (psycopg would turn it into another error and a traceback)."""
+class _Interrupts:
+    """Ctrl-C and SIGTERM as KeyboardInterrupt, but never inside a ``guarded()`` section (a
+    database call cut half-way makes psycopg raise other errors, with a traceback): there it
+    is noted, and raised as the section ends or at the next :meth:`check`."""
 
-    def __enter__(self) -> _CtrlC:
-        self.pressed = False
-        self.before = signal.signal(signal.SIGINT, self._press)
+    def __init__(self, *signums: int) -> None:
+        self.signums = signums or (signal.SIGINT,)
+        self.depth, self.pending = 0, False
+
+    def __enter__(self) -> _Interrupts:
+        self.before = {n: signal.signal(n, self._handle) for n in self.signums}
         return self
 
-    def _press(self, signum, frame) -> None:
-        self.pressed = True
+    def __exit__(self, *exc) -> None:
+        for n, handler in self.before.items():
+            signal.signal(n, handler)
 
-    def check(self) -> None:
-        if self.pressed:
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = True
+        else:
             raise KeyboardInterrupt
 
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.before)
+    def check(self) -> None:
+        """Raise a noted interrupt now."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth:
+            self.check()
 
 
 def _wait_with_progress(
@@ -240,12 +261,12 @@ def submit(
             worker_paths=worker_paths,
         )  # fmt: skip
     if wait:
-        with _CtrlC() as ctrl_c:
+        with _Interrupts() as interrupts, interrupts.guarded():
             try:
                 if not as_json:
                     click.echo(job_id)
                 queue = job_queue(job_id)
-                job = _wait_with_progress(job_id, queue, as_json, timeout, ctrl_c.check)
+                job = _wait_with_progress(job_id, queue, as_json, timeout, interrupts.check)
             except KeyboardInterrupt:
                 fail(f"stopped waiting; {_goes_on(job_id)}", 130)
             except TimeoutError:
@@ -412,20 +433,25 @@ def stream(watch_dir: str | None, pattern: str | None, queue: str | None) -> Non
     """
     from producer.stream import StreamJob, lines_to_paths, watch_folder
 
-    def terminated(signum, frame):
-        raise KeyboardInterrupt  # closes the job as Ctrl-C does
-
-    signal.signal(signal.SIGTERM, terminated)
     source = f"watch {watch_dir}" if watch_dir else "stdin"
-    with StreamJob(queue=queue, source=source) as job:
-        click.echo(job.job_id)
-        sys.stdout.flush()
-        paths = watch_folder(watch_dir, pattern=pattern) if watch_dir else lines_to_paths(sys.stdin)
+    with _Interrupts(signal.SIGINT, signal.SIGTERM) as interrupts:
+        with interrupts.guarded():  # created, and later closed, whatever the signal's timing
+            job = StreamJob(queue=queue, source=source)
         try:
+            click.echo(job.job_id)
+            sys.stdout.flush()
+            paths = (
+                watch_folder(watch_dir, pattern=pattern) if watch_dir else lines_to_paths(sys.stdin)
+            )
             for p in paths:
-                job.send(p)
+                with interrupts.guarded():
+                    job.send(p)
         except KeyboardInterrupt:
             pass
+        finally:
+            with interrupts.guarded():
+                job.close()
+                interrupts.pending = False  # stopping is what close does
     click.echo(f"closed job {job.job_id} after {job.sent} images", err=True)
 
 
