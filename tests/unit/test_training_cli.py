@@ -60,7 +60,8 @@ def test_predict_json_and_grid(trained, tmp_path):
     lines = [json.loads(x) for x in r.output.strip().splitlines()]
     assert lines[0]["label"] in CLASSES and 0 < lines[0]["confidence"] <= 1
     assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
-    assert "error" in lines[1]
+    assert lines[0]["status"] == "ok" and lines[0]["error"] is None
+    assert lines[1]["status"] == "error" and lines[1]["error"] and lines[1]["label"] is None
     assert grid.exists()
 
 
