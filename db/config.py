@@ -76,6 +76,10 @@ class DbSettings(SortlineSettings):
 
     database_url: str = "sqlite:///sortline.db"
     auto_migrate: bool = True
+    promotion_floor: float = 0.5  # a model below this val macro-F1 is activated only if forced
+    db_timeout: float = 30.0  # PostgreSQL: connect, statement, lock; silence on the wire
+    reconcile_after: float = 300.0  # a job without a new row for this long is reconciled
+    reconcile_max_resends: int = 3  # then its missing positions become error rows
 
 
 @settings_getter

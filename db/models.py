@@ -13,6 +13,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -54,6 +55,9 @@ class Job(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     # queued -> running -> done; a stream stays open until closed
     status: Mapped[str] = mapped_column(String(16), default="queued")
+    # the last new row (or reconciliation); a job quiet for SORTLINE_RECONCILE_AFTER is stalled
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     results: Mapped[list[Result]] = relationship(back_populates="job", lazy="raise")
 
@@ -82,6 +86,10 @@ class Result(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     processing_ms: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float | None] = mapped_column(Float)  # submitted -> row written
+    # smallest Mahalanobis distance of the image's features to a training class (None: the
+    # model has no statistics); unfamiliar: above the model's threshold, so needs_review
+    unfamiliarity: Mapped[float | None] = mapped_column(Float)
+    unfamiliar: Mapped[bool | None] = mapped_column(Boolean)
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False)
     corrected_label: Mapped[str | None] = mapped_column(String(64))
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -91,6 +99,16 @@ class Result(Base):
     )
 
     job: Mapped[Job] = relationship(back_populates="results", lazy="raise")
+
+
+class JobItem(Base):
+    """What the producer sent for one position: the file's path (None for submitted bytes)."""
+
+    __tablename__ = "job_items"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[bytes | None] = mapped_column(LargeBinary)  # os.fsencode: any file name
 
 
 class ModelRecord(Base):

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import Job, ModelRecord, Result, utcnow
-from sortline.errors import NotFound
+from db.models import Job, JobItem, ModelRecord, Result, utcnow
+from db.text import JOB_ID_LENGTH, clean_text, is_job_id
+from sortline.errors import NotFound, PromotionRefused
 
-__all__ = ["NotFound"]  # raised by the look-ups below; re-exported for callers
+__all__ = ["NotFound", "PromotionRefused"]  # raised below; re-exported for callers
+
+PROMOTION_METRIC = "macro_f1"  # on the val split, compared when a model is activated
 
 
 # ---------------------------------------------------------------- jobs
@@ -78,17 +83,106 @@ def end_job(session: Session, *, job_id: str, status: str) -> None:
 
 
 def get_job(session: Session, *, job_id: str) -> Job:
-    """Return the job by id, by unique id prefix, or ``latest`` for the newest job."""
+    """Return the job by id, by unique id prefix (4 hex digits or more), or ``latest``."""
     if job_id == "latest":
         job = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(1)).first()
-    else:
-        job = session.get(Job, job_id)
-        if job is None and len(job_id) >= 4:
-            found = session.scalars(select(Job).where(Job.id.like(f"{job_id}%")).limit(2)).all()
-            job = found[0] if len(found) == 1 else None
+        if job is None:
+            raise NotFound("no job yet; `sortline submit` creates one")
+        return job
+    key = job_id.lower() if isinstance(job_id, str) else job_id
+    if not is_job_id(key, prefix=True) or len(key) < 4:
+        raise NotFound(
+            f"{clean_text(str(job_id))[:80]!r} is not a job id: give its hex digits (at least "
+            "4 of them), or 'latest'; `sortline jobs` lists the jobs"
+        )
+    job = session.get(Job, key) if len(key) == JOB_ID_LENGTH else None
+    if job is None and len(key) >= 4:
+        found = session.scalars(
+            select(Job).where(Job.id.startswith(key, autoescape=True)).limit(2)
+        ).all()
+        if len(found) > 1:
+            raise NotFound(
+                f"job id prefix {key!r} is ambiguous: it matches more than one job; "
+                "give more digits (`sortline jobs` lists the jobs)"
+            )
+        job = found[0] if found else None
     if job is None:
-        raise NotFound(f"no job {job_id!r}; `sortline jobs` lists the jobs")
+        raise NotFound(f"no job {key!r}; `sortline jobs` lists the jobs")
     return job
+
+
+def record_items(session: Session, *, job_id: str, items: Sequence[dict[str, Any]]) -> None:
+    """Record what is sent for each position (a path, or None for bytes), to re-send it."""
+    if items:
+        session.execute(
+            insert(JobItem),
+            [
+                {
+                    "job_id": job_id,
+                    "position": it["pos"],
+                    "path": os.fsencode(it["path"]) if it.get("path") is not None else None,
+                }
+                for it in items
+            ],
+        )
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)  # SQLite drops the zone
+
+
+def job_state(job: Job, *, stalled_after: float, now: datetime | None = None) -> str:
+    """The job's status, or ``stalled`` if it is unfinished and no row came for a while."""
+    if job.status in ("queued", "running"):
+        last = _aware(job.progress_at or job.created_at)
+        if last < (now or utcnow()) - timedelta(seconds=stalled_after):
+            return "stalled"
+    return job.status
+
+
+def _quiet_since(before: datetime):
+    return (
+        Job.status.in_(("queued", "running")),
+        or_(Job.progress_at < before, Job.progress_at.is_(None) & (Job.created_at < before)),
+    )
+
+
+def stalled_jobs(session: Session, *, quiet_for: float, limit: int = 100) -> list[str]:
+    """Ids of unfinished jobs without a new row for *quiet_for* seconds, oldest first."""
+    before = utcnow() - timedelta(seconds=quiet_for)
+    q = select(Job.id).where(*_quiet_since(before)).order_by(Job.created_at).limit(limit)
+    return list(session.scalars(q))
+
+
+def claim_stalled(session: Session, *, job_id: str, quiet_for: float) -> Job | None:
+    """Take a stalled job for reconciling (once, among any number of callers): its progress
+    clock restarts and its re-send count goes up. None if it is not stalled (any more)."""
+    before = utcnow() - timedelta(seconds=quiet_for)
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *_quiet_since(before))
+        .values(progress_at=utcnow(), resends=Job.resends + 1)
+    ).rowcount
+    return session.get(Job, job_id, populate_existing=True) if claimed else None
+
+
+def missing_items(session: Session, *, job: Job) -> dict[int, bytes | None]:
+    """The positions of *job* without a row, each with the path sent for it (None: bytes,
+    or nothing recorded)."""
+    have = set(session.scalars(select(Result.position).where(Result.job_id == job.id)))
+    missing = [p for p in range(job.total) if p not in have]
+    paths = (
+        dict(
+            session.execute(
+                select(JobItem.position, JobItem.path).where(
+                    JobItem.job_id == job.id, JobItem.position.in_(missing)
+                )
+            ).all()
+        )
+        if missing
+        else {}
+    )
+    return {p: paths.get(p) for p in missing}
 
 
 def list_jobs(session: Session, *, limit: int = 20) -> Sequence[Job]:
@@ -169,6 +263,7 @@ def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, An
                     else_=Job.finished_at,
                 ),
                 model_version=func.coalesce(Job.model_version, version),
+                progress_at=now,
             )
         )
     return len(statuses)
@@ -188,8 +283,6 @@ def list_results(
 ) -> Sequence[Result]:
     """A job's results in submission order, filtered."""
     q = select(Result).where(Result.job_id == job_id)
-    if needs_review is not None:
-        q = q.where(Result.needs_review.is_(needs_review))
     if label is not None:
         q = q.where(func.coalesce(Result.corrected_label, Result.label) == label)
     if status is not None:
@@ -198,6 +291,8 @@ def list_results(
         q = q.where(Result.confidence >= min_confidence)
     if max_confidence is not None:
         q = q.where(Result.confidence <= max_confidence)
+    if needs_review is not None:
+        q = q.where(Result.needs_review.is_(needs_review))
     if after_id is not None:  # rows written since an earlier read, in the order written
         q = q.where(Result.id > after_id).order_by(Result.id)
     else:
@@ -244,20 +339,16 @@ def register_model(
     sha256: str,
     classes: list[str],
     metrics: dict[str, Any] | None = None,
-    activate: bool = True,
 ) -> ModelRecord:
-    """Add (or update) a model in the registry, optionally making it the active one."""
+    """Add (or update) a model in the registry as a candidate; the active model is unchanged."""
     rec = session.scalars(
         select(ModelRecord).where(ModelRecord.name == name, ModelRecord.version == version)
     ).first()
     if rec is None:
-        rec = ModelRecord(name=name, version=version)
+        rec = ModelRecord(name=name, version=version, active=False)
         session.add(rec)
     rec.arch, rec.path, rec.sha256 = arch, path, sha256
     rec.classes, rec.metrics = classes, metrics or {}
-    if activate:
-        session.execute(update(ModelRecord).values(active=False))
-    rec.active = activate
     session.flush()
     return rec
 
@@ -265,6 +356,65 @@ def register_model(
 def active_model(session: Session) -> ModelRecord | None:
     """The active registered model, if any."""
     return session.scalars(select(ModelRecord).where(ModelRecord.active.is_(True))).first()
+
+
+def list_models(session: Session) -> Sequence[ModelRecord]:
+    """Every registered model, newest first."""
+    return session.scalars(
+        select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id.desc())
+    ).all()
+
+
+def get_model(session: Session, *, ref: str) -> ModelRecord:
+    """The registered model ``NAME:VERSION``."""
+    name, sep, version = ref.rpartition(":")
+    rec = None
+    if sep and name and version:
+        rec = session.scalars(
+            select(ModelRecord).where(ModelRecord.name == name, ModelRecord.version == version)
+        ).first()
+    if rec is None:
+        raise NotFound(f"no registered model {ref!r}; `sortline models` lists NAME:VERSION of each")
+    return rec
+
+
+def val_score(rec: ModelRecord) -> float | None:
+    """The validation macro-F1 a model was registered with, if it has one."""
+    value = ((rec.metrics or {}).get("val") or {}).get(PROMOTION_METRIC)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def activate_model(
+    session: Session, *, ref: str, floor: float = 0.0, force: bool = False
+) -> ModelRecord:
+    """Make ``NAME:VERSION`` the active model (what workers load next).
+
+    Unless *force*, a model whose validation macro-F1 is missing, below *floor* or below the
+    active model's is refused with :class:`PromotionRefused`.
+    """
+    rec = get_model(session, ref=ref)
+    current = active_model(session)
+    if not force and rec is not current:
+        score = val_score(rec)
+        if score is None:
+            raise PromotionRefused(f"{ref} has no recorded val {PROMOTION_METRIC}; --force to "
+                                   "activate it anyway")  # fmt: skip
+        if score < floor:
+            raise PromotionRefused(
+                f"{ref} has val {PROMOTION_METRIC} {score:.3f}, below the floor {floor:.3f} "
+                "(SORTLINE_PROMOTION_FLOOR); --force to activate it anyway"
+            )
+        best = val_score(current) if current is not None else None
+        if best is not None and score < best:
+            raise PromotionRefused(
+                f"{ref} has val {PROMOTION_METRIC} {score:.3f}, below the active "
+                f"{current.name}:{current.version}'s {best:.3f}; --force to activate it anyway "
+                "(a rollback)"
+            )
+    session.execute(update(ModelRecord).values(active=False))
+    rec.active = True
+    session.flush()
+    return rec
 
 
 def models_at_path(session: Session, *, path: str) -> Sequence[ModelRecord]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from db.engine import session_scope
 from db.service import get_job, label_counts, list_results
+from db.text import clean_text
 from training.reports import charts as viz
 from training.reports.metrics import classification_metrics
 
@@ -54,6 +55,7 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
                 "position": r.position, "ref": r.ref, "status": r.status, "label": r.label,
                 "confidence": r.confidence, "probs": r.probs, "error": r.error,
                 "needs_review": r.needs_review, "corrected_label": r.corrected_label,
+                "unfamiliar": bool(r.unfamiliar),
             }
             for r in rows
         ]  # fmt: skip
@@ -80,6 +82,7 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
         "n_ok": len(ok),
         "n_errors": len(rows) - len(ok),
         "needs_review": sum(1 for r in ok if r["needs_review"]),
+        "unfamiliar": sum(1 for r in ok if r["unfamiliar"]),
         "corrected": sum(1 for r in ok if r["corrected_label"]),
         "review_threshold": _review_threshold(),
         "confidence": {
@@ -109,13 +112,14 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
 
 
 def _thumb(ref: str, size: int = 200):
+    """A thumbnail of the file a row names, read as a worker would read it, else None."""
     from training.model.imaging import ImageError, decode_image
+    from worker.inputs import InputError, read_stored_ref
 
     try:
-        with open(ref, "rb") as f:
-            data = f.read(50_000_000)
-        return viz.thumbnail(decode_image(data, draft=(size, size)), size)
-    except (ImageError, OSError, ValueError):
+        return viz.thumbnail(decode_image(read_stored_ref(ref), draft=(size, size)), size)
+    except (ImageError, InputError) as e:
+        log.info("no thumbnail for %s: %s", ref, e)
         return None
 
 
@@ -139,7 +143,7 @@ def job_report(job_id: str, out: str | Path, *, url: str | None = None) -> dict:
         items = [
             (
                 _thumb(r["ref"]),
-                f"{r['label']} {r['confidence']:.2f}\n{PurePath(r['ref']).name[:28]}",
+                f"{r['label']} {r['confidence']:.2f}\n{clean_text(PurePath(r['ref']).name)[:28]}",
             )
             for r in low
         ]
@@ -158,7 +162,7 @@ def job_report(job_id: str, out: str | Path, *, url: str | None = None) -> dict:
 
 def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     j = rep["job"]
-    page = viz.Page(f"Job {j['job_id'][:12]}", f"{j['source'][:120]}")
+    page = viz.Page(f"Job {j['job_id'][:12]}", clean_text(j["source"])[:120])
     page.table(
         ["job", "status", "model", "images", "labelled", "errors", "needs review", "corrected"],
         [(j["job_id"], j["status"], j["model_version"], j["total"], rep["n_ok"],
@@ -184,7 +188,8 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     thr = rep["review_threshold"]
     page.p(f"mean {viz.fmt(c['mean'])}, median {viz.fmt(c['median'])}, lowest {viz.fmt(c['min'])}"
            + f"; {rep['needs_review']} images marked for review"
-           + (f" (confidence below {thr:g} when classified)" if thr is not None else ""))  # fmt: skip
+           + (f" (confidence below {thr:g} when classified" if thr is not None else " (")
+           + f"; {rep['unfamiliar']} unlike the training photos)")  # fmt: skip
     page.figure(ch["confidence"], "confidence histogram (dashed: review threshold)")
 
     m = rep.get("labelled")
@@ -204,8 +209,8 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     if "lowest" in ch:
         page.table(
             ["file", "label", "confidence", "corrected", "position"],
-            [(r["ref"], r["label"], r["confidence"], r["corrected_label"], r["position"])
-             for r in rep["lowest_confidence"]],
+            [(clean_text(r["ref"]), r["label"], r["confidence"], r["corrected_label"],
+              r["position"]) for r in rep["lowest_confidence"]],
             left=2,
         )  # fmt: skip
         page.figure(ch["lowest"], "lowest-confidence images with their predicted label")
@@ -216,7 +221,7 @@ def _page(rep: dict, ch: dict[str, Path]) -> viz.Page:
     if rep["errors"]:
         page.table(
             ["position", "file", "error"],
-            [(e["position"], e["ref"], e["error"]) for e in rep["errors"]],
+            [(e["position"], clean_text(e["ref"]), clean_text(e["error"])) for e in rep["errors"]],
             left=3,
         )
     else:

@@ -20,7 +20,9 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.models import Result
 from db.service import get_job, review_results, set_corrected_labels
+from db.text import clean_text
 from sortline.errors import SortlineError
+from worker.inputs import InputError, read_stored_ref
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,17 @@ def export_review(
         job_id = job.id
     for label in {r[2] for r in rows} - set(classes):
         classes.append(label)
+    bad = [c for c in classes if not _plain_name(c)]
+    if bad:
+        raise ReviewError(f"labels that are not folder names: {clean_text(bad)}; nothing exported")
     for c in classes:
         (out / c).mkdir(parents=True, exist_ok=True)
     items, skipped = [], []
     for position, ref, label, confidence, sha in rows:
-        src = Path(ref)
-        name = f"{position:06d}_{src.name}"
-        try:
-            shutil.copyfile(src, out / label / name)
-        except OSError as e:  # bytes submitted without a file, or the file moved away
+        name = f"{position:06d}_{Path(ref).name}"
+        try:  # under the workers' rules: allowed roots, a regular file, the size limit
+            (out / label / name).write_bytes(read_stored_ref(ref))
+        except (InputError, OSError) as e:  # bytes submitted without a file, moved, refused
             skipped.append({"position": position, "ref": ref, "reason": str(e)})
             continue
         items.append({"position": position, "file": name, "label": label,
@@ -86,6 +90,11 @@ def export_review(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.info("exported %d images of job %s to %s", len(items), job_id, out)
     return manifest
+
+
+def _plain_name(name: str) -> bool:
+    """Whether *name* can be one folder inside the export (no separator, no '..', no control)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and clean_text(name) == name
 
 
 def _where(folder: Path) -> dict[str, list[Path]]:

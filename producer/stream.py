@@ -11,7 +11,7 @@ from pathlib import Path
 
 from db.engine import session_scope
 from db.migrate import ensure_schema
-from db.service import close_job, create_job, grow_job
+from db.service import close_job, create_job, grow_job, record_items
 from producer.config import get_producer_settings
 from producer.submit import _wanted, send_items
 
@@ -41,12 +41,13 @@ class StreamJob:
     def send(self, path: str | os.PathLike) -> int:
         """Add one image file to the job; return its position."""
         submitted = time.time()
+        item = {"path": os.path.abspath(path), "t": submitted}
         with session_scope() as session:
-            pos = grow_job(session, job_id=self.job_id, by=1)
-        item = {"pos": pos, "path": os.path.abspath(path), "t": submitted}
+            item["pos"] = grow_job(session, job_id=self.job_id, by=1)
+            record_items(session, job_id=self.job_id, items=[item])
         send_items(self.job_id, [item], queue=self.queue, batch_size=1, producer=self._producer)
         self.sent += 1
-        return pos
+        return item["pos"]
 
     def close(self) -> None:
         with session_scope() as session:
@@ -61,10 +62,10 @@ class StreamJob:
 
 
 def lines_to_paths(lines: Iterable[str]) -> Iterator[str]:
-    """Non-empty, stripped lines."""
+    """Each non-blank line without its line ending: spaces belong to the file name."""
     for line in lines:
-        line = line.strip()
-        if line:
+        line = line.removesuffix("\n").removesuffix("\r")
+        if line.strip():
             yield line
 
 

@@ -13,11 +13,11 @@ from fnmatch import fnmatch
 
 from db.engine import session_scope
 from db.migrate import ensure_schema
-from db.service import FINAL, create_job, end_job, get_job
+from db.service import FINAL, create_job, end_job, get_job, record_items
 from producer.config import IMAGE_EXTENSIONS, get_producer_settings
 from sortline.errors import SortlineError
 from sortline.names import CLASSIFY_TASK, INFERENCE_QUEUES
-from worker.inputs import build_message, display_ref
+from worker.inputs import build_message, display_ref, task_summary
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +105,6 @@ def _chunks(seq: Sequence, n: int) -> Iterable[tuple[int, Sequence]]:
         yield i, seq[i : i + n]
 
 
-def task_summary(job_id: str, items: Sequence[dict], names: int = 3) -> str:
-    """How a task shows in Flower: ``job 1a2b3c4d: 16 images (a.jpg, b.jpg, c.jpg, ...)``."""
-    shown = [
-        display_ref(os.path.basename(it["path"]) if "path" in it else it.get("key", "?"))[:60]
-        for it in items[:names]
-    ]
-    more = ", ..." if len(items) > names else ""
-    return f"job {job_id[:8]}: {len(items)} images ({', '.join(shown)}{more})"
-
-
 def send_items(
     job_id: str, items: list[dict], *, queue: str, batch_size: int, producer=None
 ) -> int:
@@ -149,6 +139,7 @@ def _submit(items: list[dict], *, source: str, queue: str | None, batch_size: in
     ensure_schema()
     with session_scope() as session:
         job_id = create_job(session, source=source, queue=queue, total=len(items)).id
+        record_items(session, job_id=job_id, items=items)  # what was sent, to re-send it
     try:
         n = send_items(job_id, items, queue=queue, batch_size=batch_size)
     except BaseException:  # the broker is down, or Ctrl-C: never leave it `queued` for ever

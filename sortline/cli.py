@@ -81,6 +81,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train:ship",
         "Write a run's float16 checkpoint as the shipped model, re-scored on val and test.",
     ),
+    "models": (
+        "models:models",
+        "List the registered model versions with their metrics; * marks the active one.",
+    ),
     "tune": ("tune:tune", "Hyper-parameter search: Optuna trials as tasks on the training queue."),
     "eda": (
         "eda:eda",

@@ -24,3 +24,7 @@ class Unavailable(SortlineError, ConnectionError):
 
 class ConfigError(SortlineError, ValueError):
     """An option or setting with a value that cannot be used."""
+
+
+class PromotionRefused(SortlineError):
+    """A model that may not become the active one without ``--force``."""

@@ -6,13 +6,23 @@ Start a worker with ``celery -A worker.app worker -Q cpu`` (or ``sortline worker
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 from kombu import Queue
 
+from db.text import escape_log_controls
 from sortline.names import CPU_QUEUE, QUEUES, TRAINING_QUEUE
 from worker.config import get_worker_settings
+from worker.transport import TRANSPORT
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,9 @@ def make_app() -> Celery:
             "unacked_restore_interval": max(1, min(10, s.visibility_timeout // 2)),
             "unacked_restore_throttle": 1,
         },
+        # drops queue entries that are not task messages instead of dying on them (plain
+        # redis:// URLs; a transport given in the URL, as in redis+socket://, is kombu's own)
+        broker_transport=TRANSPORT if s.broker_url.startswith(("redis://", "rediss://")) else None,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_queues=[Queue(q) for q in QUEUES],
@@ -85,3 +98,26 @@ def _record_concurrency(sender=None, **_) -> None:
         conc = 1
     if conc:
         set_worker_concurrency(conc)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _escape_untrusted_text(logger=None, **_) -> None:
+    """Log lines show control characters in job ids, file names and errors escaped."""
+    escape_log_controls(logger)
+
+
+_reconciler_stop = threading.Event()
+
+
+@worker_ready.connect
+def _start_reconciler(sender=None, **_) -> None:
+    """Every worker looks for stalled jobs now and then (see ``worker.reconcile``)."""
+    from worker.reconcile import start_reconciler
+
+    start_reconciler(worker=getattr(sender, "hostname", None), stop=_reconciler_stop)
+
+
+@worker_shutdown.connect
+def _stop_reconciler(**_) -> None:
+    _reconciler_stop.set()

@@ -12,8 +12,8 @@ import numpy as np
 from db.engine import session_scope
 from db.models import Job
 from db.service import existing_positions, record_results
-from training.model.imaging import ImageError
-from training.model.preprocess import load_and_preprocess
+from training.model.imaging import ImageError, decode_image
+from training.model.preprocess import preprocess
 from worker.config import get_worker_settings
 from worker.inputs import (
     InputError,
@@ -28,6 +28,9 @@ from worker.metrics import record_rows
 from worker.runtime import get_batcher, get_classifier
 
 log = logging.getLogger(__name__)
+
+CHUNK = 64  # images decoded and classified together at most (memory: CHUNK arrays)
+MAX_ASPECT = 20  # longer side / shorter side; a 50000x1 strip would resize to gigapixels
 
 
 def _ts(epoch: float | None) -> datetime | None:
@@ -80,7 +83,7 @@ def classify_message(msg: Message, *, worker: str | None) -> Written:
         return Written(0, note="already recorded")
 
     clf = get_classifier()
-    with get_batcher() as batcher:
+    with get_batcher(clf) as batcher:
         rows = _classify_items(todo, clf, batcher, worker=worker)
     now = time.time()
     for r in rows:
@@ -95,7 +98,32 @@ def classify_message(msg: Message, *, worker: str | None) -> Written:
 
 
 def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> list[dict[str, Any]]:
-    """Read, decode and preprocess each item here; classify them in a shared batch."""
+    """Read, decode and preprocess each item here; classify them in shared batches.
+
+    Images are taken in chunks of ``CHUNK``, so a message of many images never holds more
+    than one chunk of arrays; one image that cannot be decoded, or exhausts memory doing so,
+    gets its own error row and its batch-mates go on.
+    """
+    rows: list[dict[str, Any]] = []
+    for i in range(0, len(todo), CHUNK):
+        rows += _classify_chunk(todo[i : i + CHUNK], clf, batcher, worker=worker)
+    return rows
+
+
+def _prepare(data: bytes, spec, *, max_pixels: int) -> np.ndarray:
+    """Decode and preprocess, refusing a shape whose resize would be huge before it happens."""
+    img = decode_image(data, max_pixels=max_pixels, draft=(spec.resize, spec.resize))
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(
+            f"image shape {w}x{h} is beyond the aspect ratio limit of {MAX_ASPECT}:1 "
+            f"(resizing its short side to {spec.resize} px would make "
+            f"{round(max(w, h) * spec.resize / min(w, h))} px on the long one)"
+        )
+    return preprocess(img, spec)
+
+
+def _classify_chunk(todo: list[Item], clf, batcher, *, worker: str | None) -> list[dict[str, Any]]:
     s = get_worker_settings()
     roots = s.resolved_roots()
     rows: list[dict[str, Any]] = []
@@ -107,18 +135,23 @@ def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> li
         try:
             data = read_item(it, roots=roots, max_bytes=s.max_image_bytes)
             sha = sha256_hex(data)
-            arrays.append(load_and_preprocess(data, clf.spec, max_pixels=s.max_image_pixels))
+            arrays.append(_prepare(data, clf.spec, max_pixels=s.max_image_pixels))
             pending.append((it, sha, (time.perf_counter() - t0) * 1000))
         except (InputError, ImageError) as e:
             rows.append(error_row(it, str(e), worker=worker, sha=sha))
+        except MemoryError:
+            rows.append(error_row(it, "out of memory decoding this image", worker=worker, sha=sha))
     if not arrays:
         return rows
     t0 = time.perf_counter()
     probs = batcher.predict(np.stack(arrays))
     share = (time.perf_counter() - t0) * 1000 / len(arrays)
-    for (it, sha, decode_ms), p in zip(pending, probs, strict=True):
+    nc = len(clf.classes)
+    for (it, sha, decode_ms), out in zip(pending, probs, strict=True):
+        p, score = out[:nc], float(out[nc])
         k = int(p.argmax())
         conf = float(p[k])
+        unfamiliar = clf.unfamiliar_threshold is not None and score > clf.unfamiliar_threshold
         rows.append(
             {
                 "position": it.pos,
@@ -131,7 +164,9 @@ def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> li
                 "model_version": clf.version,
                 "worker": worker,
                 "processing_ms": round(decode_ms + share, 3),
-                "needs_review": conf < s.review_threshold,
+                "unfamiliarity": None if np.isnan(score) else round(score, 4),
+                "unfamiliar": unfamiliar,
+                "needs_review": conf < s.review_threshold or unfamiliar,
                 "submitted_at": _ts(it.submitted_at),
             }
         )

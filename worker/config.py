@@ -17,6 +17,7 @@ class WorkerSettings(SortlineSettings):
 
     broker_url: str = "redis://localhost:6379/0"
     model: str = ""  # checkpoint path; empty: the active registered model, else the shipped one
+    model_check_interval: float = 5.0  # seconds between looks at the registry's active model
     device: str = "auto"  # auto | cpu | cuda
     runtime: str = "auto"  # auto (ONNX Runtime on CPU, PyTorch on CUDA) | onnx | torch
     max_batch: int = 8  # micro-batching: images per forward pass at most
@@ -29,6 +30,7 @@ class WorkerSettings(SortlineSettings):
     task_max_retries: int = 5
     torch_threads: int = 0  # 0: the worker's share of the cores
     review_threshold: float = 0.6
+    unfamiliar_threshold: float | None = None  # None: the threshold stored in the checkpoint
     home: str = ".sortline"  # logs and pid files of `sortline up`
     flower_port: int = 5555
     flower_user: str = ""

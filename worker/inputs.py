@@ -7,15 +7,19 @@ import binascii
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from db.text import is_job_id
 from sortline.errors import SortlineError
 
 SCHEMA_VERSION = 1
-MAX_ITEMS = 10_000  # images in one task message at most
+MAX_ITEMS = 512  # images in one task message at most (`submit --batch-size` allows 512)
+SALVAGE_ITEMS = 10_000  # positions a rejected message may still get error rows for
 MAX_POSITION = 2**31 - 1  # positions are 32-bit integers in the database
+MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 
 
 class MessageError(SortlineError, ValueError):
@@ -45,6 +49,16 @@ class Message:
 def build_message(job_id: str, items: list[dict[str, Any]], submitted_at: float) -> dict:
     """The JSON body of one classify task (the producer's side of :func:`parse_message`)."""
     return {"v": SCHEMA_VERSION, "job_id": job_id, "submitted_at": submitted_at, "items": items}
+
+
+def task_summary(job_id: str, items: Sequence[dict], names: int = 3) -> str:
+    """How a task shows in Flower: ``job 1a2b3c4d: 16 images (a.jpg, b.jpg, c.jpg, ...)``."""
+    shown = [
+        display_ref(os.path.basename(it["path"]) if "path" in it else it.get("key", "?"))[:60]
+        for it in items[:names]
+    ]
+    more = ", ..." if len(items) > names else ""
+    return f"job {job_id[:8]}: {len(items)} images ({', '.join(shown)}{more})"
 
 
 def display_ref(ref: str) -> str:
@@ -85,8 +99,8 @@ def parse_message(raw: Any) -> Message:
             f"unknown message schema version {v!r} (this worker reads {SCHEMA_VERSION})"
         )
     job_id = raw.get("job_id")
-    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
-        raise MessageError("message has no valid 'job_id'")
+    if not is_job_id(job_id):
+        raise MessageError("message has no valid 'job_id' (32 hex digits)")
     items = raw.get("items")
     if not isinstance(items, list) or not items:
         raise MessageError("message has no 'items' list")
@@ -125,10 +139,10 @@ def salvage(raw: Any) -> tuple[str, list[Item]] | None:
         return None
     job_id = raw.get("job_id")
     items = raw.get("items")
-    if not isinstance(job_id, str) or not 0 < len(job_id) <= 64 or not isinstance(items, list):
+    if not is_job_id(job_id) or not isinstance(items, list):
         return None
     out: dict[int, Item] = {}
-    for it in items[:MAX_ITEMS]:
+    for it in items[:SALVAGE_ITEMS]:
         if not isinstance(it, dict) or (pos := _position(it)) is None or pos in out:
             continue
         ref = next((it[k] for k in ("path", "key") if isinstance(it.get(k), str)), f"pos:{pos}")
@@ -156,13 +170,19 @@ def read_item(item: Item, *, roots: list[Path], max_bytes: int) -> bytes:
     raw = item.path
     if "\x00" in raw:
         raise InputError("path contains a NUL byte")
+    if len(os.fsencode(raw)) > MAX_PATH_BYTES:
+        raise InputError(
+            f"path too long: {len(os.fsencode(raw))} bytes, the system allows {MAX_PATH_BYTES}: "
+            f"{_shown(raw)}"
+        )
     p = Path(os.fsdecode(os.fsencode(raw)))  # surrogate-escaped non-UTF-8 names round-trip
     if not p.is_absolute():
-        raise InputError(f"path is not absolute: {raw!r}")
+        raise InputError(f"path is not absolute: {_shown(raw)}")
     try:
         resolved = p.resolve(strict=False)
     except (OSError, RuntimeError) as e:  # symlink loops
-        raise InputError(f"cannot resolve path {raw!r}: {e}") from None
+        why = getattr(e, "strerror", None) or e
+        raise InputError(f"cannot resolve path {_shown(raw)}: {why}") from None
     if roots and not _under(resolved, roots):
         via = f" (a link resolving to {resolved})" if resolved != p else ""
         raise _outside(raw, roots, via)
@@ -172,19 +192,32 @@ def read_item(item: Item, *, roots: list[Path], max_bytes: int) -> bytes:
     try:
         fd = os.open(resolved, flags)
     except FileNotFoundError:
-        raise InputError(f"file not found: {raw!r}") from None
+        raise InputError(f"file not found: {_shown(raw)}") from None
     except OSError as e:  # ELOOP: a link put in its place after it was resolved
-        raise InputError(f"cannot read {raw!r}: {e.strerror}") from None
+        raise InputError(f"cannot read {_shown(raw)}: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise InputError(f"is a directory, not an image file: {raw!r}")
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"not a regular file: {raw!r}")
         if roots:
             real = _fd_path(fd)
             if real is not None and not _under(real, roots):
                 raise _outside(raw, roots, f" (opened as {real})")
+        return read_open_file(fd, _shown(raw), max_bytes=max_bytes)
+    finally:
+        os.close(fd)
+
+
+def read_open_file(fd: int, shown: str, *, max_bytes: int) -> bytes:
+    """At most *max_bytes* of a regular file open as *fd*, checked before anything is read.
+
+    A directory, FIFO, socket or device (``/dev/zero``) is refused from ``fstat``, a file
+    whose size is over the limit (a sparse 20 GB file too) before it is read, and the read
+    itself stops one byte past the limit, in case the file grows meanwhile.
+    """
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"is a directory, not an image file: {shown}")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"not a regular file: {shown}")
         if st.st_size > max_bytes:
             raise InputError(
                 f"file too large: {st.st_size} bytes exceeds the limit of {max_bytes} "
@@ -193,17 +226,46 @@ def read_item(item: Item, *, roots: list[Path], max_bytes: int) -> bytes:
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
-        raise InputError(f"cannot read {raw!r}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+        raise InputError(f"cannot read {shown}: {e.strerror}") from None
     if len(data) > max_bytes:
         raise InputError(f"file too large: exceeds the limit of {max_bytes} bytes")
     return data
 
 
+def read_local_file(path: str, *, max_bytes: int) -> bytes:
+    """The bytes of an image file named on this machine (``submit --bytes``), bounded."""
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise InputError(f"path too long: {len(os.fsencode(path))} bytes: {_shown(path)}")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO never blocks
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise InputError(f"file not found: {_shown(path)}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {_shown(path)}: {e.strerror}") from None
+    try:
+        return read_open_file(fd, _shown(path), max_bytes=max_bytes)
+    finally:
+        os.close(fd)
+
+
+def read_stream(stream, *, max_bytes: int) -> bytes:
+    """At most *max_bytes* from a binary stream (stdin), or :class:`InputError`."""
+    data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"input too large: exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+def _shown(raw: str, limit: int = 200) -> str:
+    """*raw* for a message: quoted, control characters escaped, long ones shortened."""
+    text = display_ref(raw)
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 def _outside(raw: str, roots: list[Path], via: str = "") -> InputError:
     return InputError(
-        f"path outside the allowed roots{via}: {raw!r}; allowed: "
+        f"path outside the allowed roots{via}: {_shown(raw)}; allowed: "
         + ", ".join(str(r) for r in roots)
         + " (SORTLINE_ALLOWED_ROOTS)"
     )
@@ -219,3 +281,14 @@ def _fd_path(fd: int) -> Path | None:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_stored_ref(ref: str) -> bytes:
+    """The image file a result row names, read under the workers' rules: an absolute path
+    inside ``SORTLINE_ALLOWED_ROOTS``, a regular file, within ``SORTLINE_MAX_IMAGE_BYTES``
+    (for ``sortline report`` and ``review export``, which run wherever a person runs them)."""
+    from worker.config import get_worker_settings
+
+    s = get_worker_settings()
+    item = Item(pos=0, ref=ref, path=ref)
+    return read_item(item, roots=s.resolved_roots(), max_bytes=s.max_image_bytes)

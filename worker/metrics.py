@@ -60,6 +60,11 @@ class _Metrics:
             "From submission to the result row, per image.",
             buckets=LATENCY_BUCKETS,
         )
+        self.malformed = Counter(
+            "sortline_malformed_messages",
+            "Queue entries dropped because they are not task messages the worker can read.",
+            ["queue"],
+        )
         self.processing = Histogram(
             "sortline_processing_seconds",
             "Read, decode and model time per image in the worker.",
@@ -159,3 +164,11 @@ def start_exporter(port: int, address: str, path: Path):
     server, _thread = start_http_server(port, addr=address, registry=registry)
     log.info("Prometheus metrics on http://%s:%d/metrics", address, port)
     return server
+
+
+def record_malformed(queue: str) -> None:
+    """Count one queue entry dropped as malformed; never raises."""
+    try:
+        metrics().malformed.labels(queue=queue).inc()
+    except Exception:
+        log.exception("could not record metrics")

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 class ModelChoice:
     path: Path
     expected_sha256: str | None
+    from_registry: bool = field(default=True, compare=False)  # False: the registry was unreadable
 
 
 def choose_model() -> ModelChoice:
@@ -69,6 +70,7 @@ def choose_model() -> ModelChoice:
     except Exception as e:  # no schema yet: fall back to the settings alone
         log.warning("model registry not readable (%s); using the configured checkpoint", e)
         path = Path(s.model) if s.model else Path(DEFAULT_CHECKPOINT)
+        return ModelChoice(path=path, expected_sha256=None, from_registry=False)
     return ModelChoice(path=path, expected_sha256=expected)
 
 
@@ -97,9 +99,15 @@ class TorchBackend:
     def __init__(self, path: Path, expected_sha256: str | None, device: str):
         import torch
 
-        from training.model.checkpoint import load_checkpoint
+        from training.model.checkpoint import file_sha256
+        from training.model.export import scored
 
-        model, _ = load_checkpoint(path, expected_sha256=expected_sha256)
+        if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+            raise CheckpointError(
+                f"{path}: sha256 does not match the registry; the file was changed after it "
+                "was registered"
+            )
+        model, _ = scored(path)
         self.device = torch.device(resolve_device(device))
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads())
@@ -108,7 +116,8 @@ class TorchBackend:
             model = model.half().to(self.device, memory_format=torch.channels_last)
         self.model = model.eval()
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Logits, then the unfamiliarity scores if the checkpoint has its statistics."""
         import torch
 
         with torch.inference_mode():
@@ -119,7 +128,9 @@ class TorchBackend:
             )
             if self.device.type == "cuda":
                 x = x.half()
-            return self.model(x).float().cpu().numpy()
+            out = self.model(x)
+            out = out if isinstance(out, tuple) else (out,)
+            return [t.float().cpu().numpy() for t in out]
 
 
 class OnnxBackend:
@@ -148,8 +159,9 @@ class OnnxBackend:
         )
         self.input = self.session.get_inputs()[0].name
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: np.ascontiguousarray(batch)})[0]
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Logits, then the unfamiliarity scores if the checkpoint has its statistics."""
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch)})
 
 
 def _export_in_subprocess(path: Path, cache: Path) -> Path:
@@ -191,6 +203,9 @@ class Classifier:
         self.spec = preprocess_spec(meta)
         self.temperature = float(meta.get("temperature", 1.0))
         self.version = model_version(meta)
+        override = get_worker_settings().unfamiliar_threshold
+        fitted = (meta.get("unfamiliarity") or {}).get("threshold")
+        self.unfamiliar_threshold: float | None = override if override is not None else fitted
         if runtime not in ("auto", "onnx", "torch"):
             raise ConfigError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
         device = resolve_device(device)
@@ -200,11 +215,23 @@ class Classifier:
             self.backend = OnnxBackend(self.path, expected_sha256)
         else:
             self.backend = TorchBackend(self.path, expected_sha256, device)
+        self.batcher: MicroBatcher | None = None  # made by get_batcher on first use
         log.info("loaded %s (%s) with %s", self.version, self.path, self.backend.name)
 
+    def close(self) -> None:
+        """Let this model go once the tasks using it are done (its batcher thread ends)."""
+        if self.batcher is not None:
+            self.batcher.close()
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (temperature-calibrated) for a batch of preprocessed arrays."""
-        return softmax(self.backend.logits(batch), self.temperature).astype(np.float32)
+        """Calibrated class probabilities, then one more column: the unfamiliarity score.
+
+        The score is NaN for a checkpoint without unfamiliarity statistics.
+        """
+        out = self.backend.outputs(batch)
+        probs = softmax(out[0], self.temperature)
+        score = out[1] if len(out) > 1 else np.full(len(probs), np.nan)
+        return np.concatenate([probs, score[:, None]], axis=1).astype(np.float32)
 
 
 def resolve_device(device: str) -> str:
@@ -242,8 +269,10 @@ class MicroBatcher:
         self._cv = threading.Condition()
         self._pending: list[tuple[np.ndarray, Future, float]] = []
         self._active = 0
+        self._closed = False
         self.batch_sizes: list[int] = []
-        threading.Thread(target=self._loop, name="sortline-batcher", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name="sortline-batcher", daemon=True)
+        self._thread.start()
 
     def __enter__(self) -> MicroBatcher:
         with self._cv:
@@ -255,10 +284,18 @@ class MicroBatcher:
             self._active -= 1
             self._cv.notify_all()
 
+    def close(self) -> None:
+        """Stop the batching thread once no task uses this batcher any more."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
     def predict(self, arrays: np.ndarray) -> np.ndarray:
         """Probabilities for *arrays*, computed in a shared batch."""
         fut: Future = Future()
         with self._cv:
+            if self._closed and not self._thread.is_alive():  # a task that raced a model switch
+                return self._predict(arrays)
             self._pending.append((arrays, fut, time.monotonic()))
             self._cv.notify_all()
         return fut.result()
@@ -275,6 +312,8 @@ class MicroBatcher:
         while True:
             with self._cv:
                 while not self._pending:
+                    if self._closed and self._active == 0:
+                        return
                     self._cv.wait()
                 while not self._ready():
                     self._cv.wait(
@@ -312,33 +351,49 @@ class MicroBatcher:
 
 _lock = threading.Lock()
 _classifier: Classifier | None = None
-_batcher: MicroBatcher | None = None
+_choice: ModelChoice | None = None
+_checked_at = 0.0
 
 
 def get_classifier() -> Classifier:
-    """This process's classifier, created on first use."""
-    global _classifier
+    """This process's classifier: loaded on first use, and again once the model chosen changes.
+
+    The registry is asked at most every ``SORTLINE_MODEL_CHECK_INTERVAL`` seconds (before a
+    task), so a newly activated model is picked up without a restart and loaded once per
+    process; tasks already running finish with the model they started with.
+    """
+    global _classifier, _choice, _checked_at
+    s = get_worker_settings()
     with _lock:
-        if _classifier is None:
-            s = get_worker_settings()
-            choice = choose_model()
+        now = time.monotonic()
+        if _classifier is not None and now - _checked_at < s.model_check_interval:
+            return _classifier
+        _checked_at = now
+        choice = choose_model()
+        if _classifier is not None and not choice.from_registry:
+            return _classifier  # a database hiccup is no reason to switch models
+        if _classifier is None or choice != _choice:
+            old = _classifier
             _classifier = Classifier(
                 choice.path,
                 expected_sha256=choice.expected_sha256,
                 device=s.device,
                 runtime=s.runtime,
             )
+            _choice = choice
+            if old is not None:
+                log.info("switched from %s to %s", old.version, _classifier.version)
+                old.close()
         return _classifier
 
 
-def get_batcher() -> MicroBatcher:
-    """This process's micro-batcher around :func:`get_classifier`."""
-    global _batcher
-    clf = get_classifier()
+def get_batcher(clf: Classifier | None = None) -> MicroBatcher:
+    """The micro-batcher around *clf* (default: this process's classifier)."""
+    clf = clf or get_classifier()
     with _lock:
-        if _batcher is None:
+        if clf.batcher is None:
             s = get_worker_settings()
-            _batcher = MicroBatcher(
+            clf.batcher = MicroBatcher(
                 clf.predict, max_batch=s.max_batch, max_wait=s.max_wait_ms / 1000
             )
-        return _batcher
+        return clf.batcher

@@ -16,27 +16,30 @@ import click
 from rich.progress import ProgressColumn
 from rich.text import Text
 
+from db.config import get_db_settings
 from db.engine import session_scope
 from db.service import (
     FINAL,
     get_job,
     job_classes,
+    job_state,
     label_counts,
     list_jobs,
     list_results,
     review_count,
 )
+from db.text import clean_text, csv_cell
 from producer.submit import submit_bytes, submit_paths, wait_for_job
 from sortline.cli import fail
 from sortline.commands.records import image_record
 from sortline.names import INFERENCE_QUEUES
 
 # a result row's fields beside the shared image record (sortline.commands.records)
-JOB_FIELDS = (
-    "position", "needs_review", "corrected_label", "model_version", "worker", "processing_ms",
-    "sha256",
+JOB_FIELDS = ("position", "corrected_label", "model_version", "worker", "processing_ms", "sha256")
+CSV_FIELDS = (
+    "position", "ref", "status", "label", "confidence", "error", "needs_review", "unfamiliarity",
+    "unfamiliar", *JOB_FIELDS[1:],
 )  # fmt: skip
-CSV_FIELDS = ("position", "ref", "status", "label", "confidence", "error", *JOB_FIELDS[1:])
 
 
 def _elapsed(job) -> float:
@@ -51,7 +54,7 @@ def _job_dict(job) -> dict:
     elapsed = _elapsed(job)
     return {
         "job_id": job.id,
-        "status": job.status,
+        "status": job_state(job, stalled_after=get_db_settings().reconcile_after),
         "kind": job.kind,
         "queue": job.queue,
         "total": job.total,
@@ -201,7 +204,7 @@ def _print_summary(job_id: str, as_json: bool):
         click.echo(json.dumps({**d, "needs_review": review, "labels": counts}))
         return job
     click.echo(
-        f"job {job.id}: {job.status}, {job.done} labelled, {job.failed} errors, "
+        f"job {job.id}: {d['status']}, {job.done} labelled, {job.failed} errors, "
         f"{review} need review"
     )
     rate = f" ({d['images_per_s']:.1f} images/s)" if d["images_per_s"] else ""
@@ -210,7 +213,7 @@ def _print_summary(job_id: str, as_json: bool):
         f"{d['elapsed_s']:.1f} s{rate}"
     )
     for label, n in counts.items():
-        click.echo(f"  {label:<12} {n}")
+        click.echo(f"  {clean_text(label):<12} {n}")
     return job
 
 
@@ -245,15 +248,18 @@ def submit(
     With --wait, exits 1 when no image of the job could be labelled.
     """
     if as_bytes:
+        from producer.submit import expand_paths
+        from worker.config import get_worker_settings
+        from worker.inputs import read_local_file, read_stream
+
+        limit = get_worker_settings().max_image_bytes  # checked before anything is read
         blobs = []
         for p in paths:
             if p == "-":
-                blobs.append(("stdin", sys.stdin.buffer.read()))
+                blobs.append(("stdin", read_stream(sys.stdin.buffer, max_bytes=limit)))
             else:
-                from producer.submit import expand_paths
-
                 for f in expand_paths([p], recursive=recursive, pattern=pattern):
-                    blobs.append((f, Path(f).read_bytes()))
+                    blobs.append((f, read_local_file(f, max_bytes=limit)))
         job_id = submit_bytes(blobs, queue=queue, batch_size=batch_size, source=", ".join(paths))
     else:
         job_id = submit_paths(
@@ -313,21 +319,24 @@ def jobs(limit: int) -> None:
     for j in rows:
         click.echo(
             f"{j['job_id']}  {j['status']:<9} {j['done'] + j['failed']:>6}/{j['total']:<6} "
-            f"{j['queue']:<5} {j['created_at'][:19]}  {j['source'][:50]}"
+            f"{j['queue']:<5} {j['created_at'][:19]}  {clean_text(j['source'])[:50]}"
         )
 
 
 def _result_dict(r) -> dict:
     return image_record(
-        r.ref, label=r.label, confidence=r.confidence, probabilities=r.probs, error=r.error,
-        **{f: getattr(r, f) for f in JOB_FIELDS},
+        r.ref, label=r.label, confidence=r.confidence, probabilities=r.probs,
+        unfamiliarity=r.unfamiliarity, unfamiliar=r.unfamiliar, needs_review=r.needs_review,
+        error=r.error, **{f: getattr(r, f) for f in JOB_FIELDS},
     )  # fmt: skip
 
 
 def _note(d: dict) -> str:
     if d["corrected_label"]:
         return f"corrected (model: {d['label']})"
-    return "needs review" if d["needs_review"] else ""
+    if d["needs_review"]:
+        return "unfamiliar" if d["unfamiliar"] else "needs review"
+    return ""
 
 
 def _emit(rows: list[dict], fmt: str, classes: list[str] | None, header: bool = True) -> None:
@@ -339,9 +348,10 @@ def _emit(rows: list[dict], fmt: str, classes: list[str] | None, header: bool = 
         w = csv.DictWriter(sys.stdout, fieldnames=[*CSV_FIELDS, *probs], extrasaction="ignore")
         if header:
             w.writeheader()
-        for d in rows:
+        for d in rows:  # no cell a spreadsheet would run as a formula
             p = d["probabilities"] or {}
-            w.writerow({**d, **{f"p_{c}": p.get(c, "") for c in classes or []}})
+            d = {**d, **{f"p_{c}": p.get(c, "") for c in classes or []}}
+            w.writerow({k: csv_cell(v) for k, v in d.items()})
     else:
         if header:
             click.echo(f"{'pos':>5}  {'label':<10} {'conf':>6}  {'note':<14} file / error")
@@ -349,7 +359,10 @@ def _emit(rows: list[dict], fmt: str, classes: list[str] | None, header: bool = 
             label = d["corrected_label"] or d["label"] or "ERROR"
             conf = f"{d['confidence']:.3f}" if d["confidence"] is not None else "-"
             tail = Path(d["ref"]).name if d["status"] == "ok" else f"{d['ref']}: {d['error']}"
-            click.echo(f"{d['position']:>5}  {label:<10} {conf:>6}  {_note(d):<14} {tail}")
+            click.echo(
+                f"{d['position']:>5}  {clean_text(label):<10} {conf:>6}  {_note(d):<14} "
+                f"{clean_text(tail)}"
+            )
 
 
 def _check_label(label: str, classes: list[str] | None) -> None:
@@ -371,7 +384,7 @@ def _check_label(label: str, classes: list[str] | None) -> None:
 @click.option("--max-confidence", type=click.FloatRange(0, 1), help="Confidence at most this.")
 @click.option("--errors", is_flag=True, help="Only images that failed.")
 @click.option(
-    "--needs-review", is_flag=True, help="Only results below SORTLINE_REVIEW_THRESHOLD, unreviewed."
+    "--needs-review", is_flag=True, help="Only images marked for review (doubtful or unfamiliar)."
 )
 @click.option("--limit", type=int, help="At most this many rows.")
 @click.option(

@@ -73,6 +73,28 @@ from training.data.augment import PRESETS
     help="finetune: WiSE-FT weight of the fine-tuned model (else chosen on val among 0.5-1).",
 )
 @click.option("--tta/--no-tta", default=False, help="finetune: also report flip-TTA test figures.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train: cuda (bf16 autocast, DataLoader workers), cpu, or auto (the GPU if any).",
+)
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    type=click.Path(exists=True),
+    metavar="RUN",
+    help="finetune: distil from this run folder's model (repeat for an ensemble; same split).",
+)
+@click.option(
+    "--distill-weight",
+    type=click.FloatRange(0, 1),
+    default=0.7,
+    show_default=True,
+    help="With --teacher: weight of the teachers' probabilities against the labels.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training run.")
 @click.option(
     "--split-seed",
@@ -95,6 +117,11 @@ from training.data.augment import PRESETS
 @click.option(
     "--no-register", is_flag=True, help="Do not record the checkpoint in the models table."
 )
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="Make the registered model the active one (refused below the active one's val macro-F1).",
+)
 @click.option("--no-robustness", is_flag=True, help="Skip the robustness check at the end.")
 def train(
     data,
@@ -112,6 +139,9 @@ def train(
     ema,
     wise_alpha,
     tta,
+    device,
+    teachers,
+    distill_weight,
     seed,
     split_seed,
     out,
@@ -119,6 +149,7 @@ def train(
     version,
     half,
     no_register,
+    activate,
     no_robustness,
 ) -> None:
     """Train a classifier on an ImageFolder and write a run folder with its checkpoint.
@@ -133,6 +164,8 @@ def train(
     from training.fit.run import train as run_training
     from training.fit.train import FinetuneParams, FrozenParams
 
+    if activate and no_register:
+        raise click.UsageError("--activate needs the model registered; drop --no-register")
     settings = get_training_settings()
     study_cfg = None
     if from_study:
@@ -147,7 +180,9 @@ def train(
         out or settings.runs_dir / f"{arch}-{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     )
     frozen = FrozenParams(batch_size=batch_size)
-    ft = FinetuneParams(batch_size=batch_size, ema_decay=ema, tta=tta)
+    ft = FinetuneParams(
+        batch_size=batch_size, ema_decay=ema, tta=tta, distill_weight=distill_weight
+    )
     if mode == "frozen":
         frozen = replace(
             frozen, **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
@@ -179,9 +214,11 @@ def train(
         half=half,
         register=not no_register,
         cache_dir=str(settings.cache_dir),
+        device=device,
+        teachers=tuple(teachers),
     )
     if study_cfg is not None:
-        cfg = replace(study_cfg, out=str(out))
+        cfg = replace(study_cfg, out=str(out), device=device, teachers=tuple(teachers))
         o = cfg.study
         click.echo(f"study {o['name']}: best trial {o['trial']} (val macro-F1 {o['value']:.4f})")
 
@@ -205,9 +242,15 @@ def train(
             f"robustness (test, mean over corruptions): accuracy {r['accuracy']:.4f}  "
             f"macro-F1 {r['macro_f1']:.4f}"
         )
-    click.echo(f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s)")
+    click.echo(
+        f"checkpoint {summary['checkpoint']} ({summary['seconds']:.0f} s on {summary['ran_on']})"
+    )
     if summary.get("registered"):
-        click.echo(f"registered as {summary['registered']}")
+        click.echo(f"registered as {summary['registered']} (a candidate)")
+        if activate:
+            from sortline.commands.models import activate as activate_model
+
+            click.echo(activate_model(summary["registered"]))
 
 
 # what a study decides; `train --from-study` refuses them on the command line
@@ -246,16 +289,29 @@ def _config_from_study(study: str, **run_options):
 def evaluate(checkpoint, data, as_json) -> None:
     """Score a checkpoint on a labelled ImageFolder: accuracy, macro-F1, per-class figures."""
     from training.fit.evaluate import evaluate_checkpoint, report_text
+    from training.reports.metrics import with_interval
 
-    m = evaluate_checkpoint(checkpoint, data)
+    m = evaluate_checkpoint(checkpoint, data, **_review_settings())
     if as_json:
-        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion")
+        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "skipped", "confusion",
+                "intervals", "review_threshold", "unfamiliar_threshold", "unfamiliar_rate",
+                "needs_review_rate", "confident_error_rate")  # fmt: skip
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
         return
     classes = list(m["per_class"])
     click.echo(f"model {m['model']} on {data}")
     click.echo(report_text(m, classes), nl=False)
+    ci = m["intervals"]
+    click.echo(
+        f"bootstrap {ci['level']:.0%} intervals ({ci['resamples']} resamples): "
+        f"accuracy {with_interval(m['accuracy'], ci['accuracy'])}, "
+        f"macro-F1 {with_interval(m['macro_f1'], ci['macro_f1'])}"
+    )
     click.echo(f"expected calibration error (calibrated): {m['ece']:.4f}")
+    click.echo(
+        f"flagged for review {m['needs_review_rate']:.1%} (unfamiliar {m['unfamiliar_rate']:.1%});"
+        f" confident errors (wrong, not flagged) {m['confident_error_rate']:.1%}"
+    )
     for s in m["skipped"]:
         click.echo(f"skipped {s['file']}: {s['reason']}", err=True)
 
@@ -279,7 +335,7 @@ def predict(images, checkpoint, grid, as_json) -> None:
     missing = [str(p) for p in images if not p.exists()]
     if missing:
         fail(f"no such file: {', '.join(missing)}")
-    results = predict_files(images, checkpoint)
+    results = predict_files(images, checkpoint, **_review_settings())
     failed = 0
     for r in results:
         if "error" in r:
@@ -290,10 +346,12 @@ def predict(images, checkpoint, grid, as_json) -> None:
                 click.echo(f"{r['file']}: error: {r['error']}", err=True)
             continue
         if as_json:
-            fields = {k: r[k] for k in ("label", "confidence", "probabilities")}
-            click.echo(json.dumps(image_record(r["file"], **fields)))
+            keep = ("label", "confidence", "probabilities", "unfamiliarity", "unfamiliar",
+                    "needs_review")  # fmt: skip
+            click.echo(json.dumps(image_record(r["file"], **{k: r[k] for k in keep})))
         else:
-            click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%})")
+            note = " unfamiliar: review" if r["unfamiliar"] else ""
+            click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%}){note}")
     if grid:
         ok = [r for r in results if "error" not in r]
         gallery([(r["image"], f"{r['label']} {r['confidence']:.0%}") for r in ok], grid, cols=4)
@@ -400,6 +458,14 @@ def ship(
         robustness=not no_robustness,
     )
     click.echo(json.dumps(res, indent=1))
+
+
+def _review_settings() -> dict:
+    """The review thresholds the workers use (SORTLINE_REVIEW/UNFAMILIAR_THRESHOLD)."""
+    from worker.config import get_worker_settings
+
+    s = get_worker_settings()
+    return {"review_threshold": s.review_threshold, "unfamiliar_override": s.unfamiliar_threshold}
 
 
 def _cache(cache_dir: Path | None) -> Path:

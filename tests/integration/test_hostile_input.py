@@ -227,7 +227,7 @@ def test_no_secret_in_worker_logs(tiny_model, tmp_path, monkeypatch):
         reset_engines()
         drop_pg_database(url.replace(f":{db_pw}", ""))
     log = w.log.read_text(errors="replace")
-    assert "redis://:**@127.0.0.1" in log  # the banner shows the broker, masked
+    assert "://:**@127.0.0.1" in log  # the banner shows the broker (our Redis transport), masked
     for secret in (broker_pw, db_pw, flower_pw):
         assert secret not in log
 

@@ -11,8 +11,15 @@ from PIL import Image
 CLASSES = ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
 
 
-def tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
-    """Write a seeded 'tiny' model checkpoint with the six TrashNet classes."""
+def tiny_checkpoint(
+    path: Path, *, seed: int = 0, metrics: dict | None = None, unfamiliarity: bool = False
+) -> Path:
+    """Write a seeded 'tiny' model checkpoint with the six TrashNet classes (version = seed).
+
+    With *unfamiliarity*, statistics fitted on its features of 80 generated images (labels
+    cycling through the classes), the threshold on 40 more.
+    """
+    import numpy as np
     import torch
 
     from training.model.checkpoint import save_checkpoint
@@ -22,16 +29,29 @@ def tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = create_model("tiny", num_classes=len(CLASSES))
     spec = PreprocessSpec(resize=40, crop=32)
+    stats, extra = None, {}
+    if unfamiliarity:
+        from training.data.features import extract
+        from training.model import unfamiliarity as unf
+        from training.model.imaging import decode_image
+
+        imgs = [np.asarray(decode_image(jpeg_bytes(i))) for i in range(120)]
+        feats = extract(model, imgs, spec)
+        stats, thr = unf.fit(feats[:80], np.arange(80) % len(CLASSES), feats[80:])
+        extra = {"unfamiliarity": {"method": "mahalanobis", "threshold": thr}}
     save_checkpoint(
         path,
         model,
         {
+            **extra,
             "name": "tiny-test",
             "version": str(seed),
             "arch": "tiny",
             "classes": CLASSES,
             "preprocess": spec.to_dict(),
+            "metrics": metrics or {},
         },
+        unfamiliarity=stats,
     )
     return path
 

@@ -131,3 +131,100 @@ FILE_CASES: list[Case] = [
     Case("bomb.png", png_bomb, False, "decompression bomb"),
     Case("huge.png", lambda: png_bomb(9_000, 9_000), False, "too large"),
 ]
+
+
+# ------------------------------------------------------------------ raw queue entries
+
+
+def _envelope(body: bytes | str = b'[[{"v": 1}], {}, {}]', edit=None) -> bytes:
+    """A kombu Redis queue entry around *body*, as a producer writes it, changed by *edit*."""
+    import base64
+    import json
+    import uuid
+
+    tid = str(uuid.uuid4())
+    env = {
+        "body": body if isinstance(body, str) else base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": "worker.tasks.inference.classify_batch",
+            "id": tid,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": tid,
+            "parent_id": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+        },  # fmt: skip
+        "properties": {
+            "correlation_id": tid,
+            "delivery_mode": 2,
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": "cpu"},
+            "priority": 0,
+            "delivery_tag": str(uuid.uuid4()),
+        },  # fmt: skip
+    }
+    if edit is not None:
+        edit(env)
+    return json.dumps(env).encode()
+
+
+def _set(part: str | None, key: str, value=None, *, drop: bool = False):
+    """An *edit* for :func:`_envelope`: set or drop one key of the entry or of one part."""
+
+    def edit(env: dict) -> None:
+        target = env if part is None else env[part]
+        if drop:
+            del target[key]
+        else:
+            target[key] = value
+
+    return edit
+
+
+# Entries written straight into a queue list (LPUSH) by anyone who can reach Redis. None is a
+# task the worker can run; each must be dropped (logged, counted), the worker unharmed.
+RAW_MESSAGES: dict[str, Callable[[], bytes]] = {
+    "not-json": lambda: b"{not json",
+    "binary": lambda: random_bytes(64),
+    "json-list": lambda: b"[1, 2, 3]",
+    "json-string": lambda: b'"hello"',
+    "json-number": lambda: b"42",
+    "json-null": lambda: b"null",
+    "empty-object": lambda: b"{}",
+    "no-properties": lambda: _envelope(edit=_set(None, "properties", drop=True)),
+    "properties-list": lambda: _envelope(edit=_set(None, "properties", [1])),
+    "no-delivery-tag": lambda: _envelope(edit=_set("properties", "delivery_tag", drop=True)),
+    "delivery-info-string": lambda: _envelope(edit=_set("properties", "delivery_info", "x")),
+    "body-encoding-unknown": lambda: _envelope(edit=_set("properties", "body_encoding", "rot13")),
+    "bad-base64-body": lambda: _envelope("!!! not base64 ~~~"),
+    "body-not-json": lambda: _envelope(b"{not json"),
+    "body-not-utf8": lambda: _envelope(b"\xff\xfe\xfd"),
+    "body-a-string": lambda: _envelope(b'"just a string"'),
+    "body-wrong-shape": lambda: _envelope(b'{"args": 1}'),
+    "body-number": lambda: _envelope(b"7"),
+    "headers-list": lambda: _envelope(edit=_set(None, "headers", [1, 2])),
+    "headers-string": lambda: _envelope(edit=_set(None, "headers", "x")),
+    "headers-no-id": lambda: _envelope(edit=_set("headers", "id", drop=True)),
+    "headers-id-object": lambda: _envelope(edit=_set("headers", "id", {"a": 1})),
+    "headers-no-task": lambda: _envelope(edit=_set("headers", "task", drop=True)),
+    "headers-unknown-task": lambda: _envelope(edit=_set("headers", "task", "os.system")),
+    "headers-task-list": lambda: _envelope(edit=_set("headers", "task", ["x"])),
+    "headers-bad-eta": lambda: _envelope(edit=_set("headers", "eta", "not a date")),
+    "headers-bad-expires": lambda: _envelope(edit=_set("headers", "expires", [1, 2])),
+    "headers-bad-timelimit": lambda: _envelope(edit=_set("headers", "timelimit", "abc")),
+    "headers-bad-retries": lambda: _envelope(edit=_set("headers", "retries", "many")),
+    "headers-bad-compression": lambda: _envelope(
+        edit=_set("headers", "compression", "application/x-nope")
+    ),
+    "pickle-content-type": lambda: _envelope(
+        b"\x80\x04garbage", edit=_set(None, "content-type", "application/x-python-serialize")
+    ),
+    "unknown-content-type": lambda: _envelope(edit=_set(None, "content-type", "text/x-nope")),
+    "content-type-number": lambda: _envelope(edit=_set(None, "content-type", 5)),
+    "content-encoding-unknown": lambda: _envelope(edit=_set(None, "content-encoding", "x-nope")),
+}

@@ -199,3 +199,113 @@ def private_broker(
         app.close()
         original.set_current()
         server.stop(signal.SIGKILL)
+
+
+class BlackHoleProxy:
+    """A TCP forwarder to *target* that can stop forwarding, as a network that drops packets.
+
+    While :meth:`hole` is in effect, connections are still accepted and bytes still read (so
+    the client's kernel sees every packet acknowledged, and no TCP timer fires) but nothing is
+    passed on either way; :meth:`heal` closes the connections cut off that way and forwards
+    new ones again.
+    """
+
+    def __init__(self, target_port: int, *, host: str = "127.0.0.1"):
+        import selectors
+
+        self.target = (host, target_port)
+        self.listener = socket.create_server((host, 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self._sel = selectors.DefaultSelector()
+        self._peer: dict[socket.socket, socket.socket | None] = {}
+        self._holed: set[socket.socket] = set()
+        self._blackhole = False
+        self._stop = False
+        self._thread: object | None = None
+
+    def start(self) -> BlackHoleProxy:
+        import selectors
+        import threading
+
+        self._sel.register(self.listener, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def hole(self) -> None:
+        """Stop forwarding: every byte from now on, either way, is dropped."""
+        self._blackhole = True
+
+    def heal(self) -> None:
+        """Forward again (for new connections; those cut off are closed)."""
+        self._blackhole = False
+
+    def _close(self, s: socket.socket) -> None:
+        for x in (s, self._peer.pop(s, None)):
+            if x is not None:
+                self._peer.pop(x, None)
+                self._holed.discard(x)
+                with _suppress():
+                    self._sel.unregister(x)
+                x.close()
+
+    def _run(self) -> None:
+        import selectors
+
+        while not self._stop:
+            if not self._blackhole and self._holed:
+                for s in list(self._holed):
+                    self._close(s)
+            for key, _ in self._sel.select(timeout=0.1):
+                s = key.fileobj
+                if s is self.listener:
+                    client, _ = self.listener.accept()
+                    upstream = None
+                    if not self._blackhole:
+                        upstream = socket.create_connection(self.target)
+                        self._peer[upstream] = client
+                        self._sel.register(upstream, selectors.EVENT_READ)
+                    else:
+                        self._holed.add(client)
+                    self._peer[client] = upstream
+                    self._sel.register(client, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    self._close(s)
+                    continue
+                if self._blackhole:
+                    self._holed.add(s)
+                    continue
+                peer = self._peer.get(s)
+                if peer is None or s in self._holed:
+                    continue
+                try:
+                    peer.sendall(data)
+                except OSError:
+                    self._close(s)
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join(5)
+        for s in list(self._peer):
+            with _suppress():
+                s.close()
+        self.listener.close()
+
+    def __enter__(self) -> BlackHoleProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(Exception)

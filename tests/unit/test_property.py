@@ -121,8 +121,8 @@ def task_env(tiny_model, tmp_path_factory):
     mp.setenv("SORTLINE_DATABASE_URL", url)
     mp.setattr("worker.classify.get_worker_settings", lambda: settings_)
     mp.setattr("worker.tasks.inference.get_worker_settings", lambda: settings_)
-    mp.setattr(runtime, "_classifier", runtime.Classifier(tiny_model, runtime="torch"))
-    mp.setattr(runtime, "_batcher", None)
+    clf = runtime.Classifier(tiny_model, runtime="torch")
+    mp.setattr("worker.classify.get_classifier", lambda: clf)
     with session_scope() as s:
         job_id = create_job(s, source="property", queue="cpu", total=30).id
     yield job_id, folder / "photos"

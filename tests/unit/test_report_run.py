@@ -27,7 +27,17 @@ def make_run(root: Path, name: str, acc: float, *, full: bool = True) -> Path:
     """A run folder as `sortline train` writes it (without its PNGs and checkpoint)."""
     d = root / name
     d.mkdir(parents=True)
-    metrics = {"val": _split(acc + 0.01), "test": _split(acc),
+    test = {
+        **_split(acc),
+        "intervals": {
+            "level": 0.95,
+            "resamples": 1000,
+            "accuracy": [0.61, 0.97],
+            "macro_f1": [0.5, 0.9],
+            "per_class_f1": {"glass": [0.4, 1.0]},
+        },
+    }
+    metrics = {"val": _split(acc + 0.01), "test": test,
                "calibration": {"split": "val", "temperature": 1.2, "ece_before": 0.05,
                                "ece_after": 0.02, "nll_before": 0.4, "nll_after": 0.35},
                "test_robustness": {"mean_corrupted": {"accuracy": acc - 0.1, "macro_f1": 0.5},
@@ -55,7 +65,8 @@ def test_run_page_renders_what_the_folder_holds(tmp_path):
     assert (tmp_path / "out" / "curves.png").exists()  # drawn from history.csv
     assert (tmp_path / "out" / "confusion_matrix.png").exists()  # drawn from metrics.json
     assert html.count("data:image/png;base64,") == 2
-    for text in ("0.800", "Robustness", "blur", "Data split", "test split", "temperature"):
+    for text in ("0.800", "Robustness", "blur", "Data split", "test split", "temperature",
+                 "bootstrap 95% intervals (1000 resamples): accuracy [0.61, 0.97]"):  # fmt: skip
         assert text in html or text.lower() in html.lower(), text
     assert "No model.safetensors" in html
 

@@ -226,10 +226,10 @@ def test_tampered_checkpoint_is_refused_by_its_registered_sha256(
             sha256=file_sha256(path), classes=meta["classes"],
         )  # fmt: skip
     monkeypatch.setenv("SORTLINE_DATABASE_URL", sqlite_url)
-    monkeypatch.setattr(
-        "worker.runtime.get_worker_settings",
-        lambda: type("S", (), {"model": str(path), "torch_threads": 1})(),
-    )
+    from worker.config import WorkerSettings
+
+    settings = WorkerSettings(model=str(path), torch_threads=1)
+    monkeypatch.setattr("worker.runtime.get_worker_settings", lambda: settings)
     choice = choose_model()
     assert choice.expected_sha256 == file_sha256(path)
     Classifier(choice.path, expected_sha256=choice.expected_sha256, runtime=runtime)  # intact

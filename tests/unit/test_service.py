@@ -7,10 +7,13 @@ import pytest
 from db.engine import session_scope
 from db.service import (
     NotFound,
+    PromotionRefused,
+    activate_model,
     active_model,
     create_job,
     get_job,
     label_counts,
+    list_models,
     list_results,
     record_results,
     register_model,
@@ -54,14 +57,73 @@ def test_get_job_by_prefix_and_latest(sqlite_url):
     with session_scope(sqlite_url) as s:
         assert get_job(s, job_id=a[:6]).id == a
         assert get_job(s, job_id="latest").id == a
-        with pytest.raises(NotFound, match="no job"):
+        with pytest.raises(NotFound, match="not a job id"):
             get_job(s, job_id="nope-nope")
+        with pytest.raises(NotFound, match="no job"):
+            get_job(s, job_id="f" * 32 if not a.startswith("f") else "e" * 32)
 
 
-def test_registry_keeps_one_active_model(sqlite_url):
+def test_job_ids_are_checked_and_prefixes_never_wildcards(sqlite_url):
+    """Issue 17.5/17.7: an ambiguous prefix says so; `%`, `_`, newlines and NULs are not ids."""
+    from db.models import Job
+
     with session_scope(sqlite_url) as s:
-        for v in ("1", "2"):
-            register_model(s, name="m", version=v, arch="tiny", path=f"/m{v}", sha256=v * 64,
-                           classes=["a"], metrics={"test": {"accuracy": 0.5}})  # fmt: skip
+        s.add_all([Job(id="abcd" + "0" * 28, total=1), Job(id="abcd" + "1" * 28, total=1)])
+    with session_scope(sqlite_url) as s:
+        with pytest.raises(NotFound, match="ambiguous"):
+            get_job(s, job_id="abcd")
+        assert get_job(s, job_id="ABCD1").id == "abcd" + "1" * 28  # hex in either case
+        for bad in ("abc%", "ab_d", "%", "abcd\n", "abcd\x00", "abcd0000' OR 1=1", "abc"):
+            with pytest.raises(NotFound, match="not a job id") as e:
+                get_job(s, job_id=bad)
+            assert "\n" not in str(e.value) and "\x00" not in str(e.value)
+
+
+def _register(s, version: str, val_f1: float | None):
+    metrics = {"val": {"macro_f1": val_f1}} if val_f1 is not None else {}
+    return register_model(s, name="m", version=version, arch="tiny", path=f"/m{version}",
+                          sha256=version * 64, classes=["a"], metrics=metrics)  # fmt: skip
+
+
+def test_the_shipped_model_is_registered_and_active_after_the_migrations(sqlite_url):
+    from training.config import DEFAULT_CHECKPOINT
+    from training.model.checkpoint import file_sha256, model_version, read_metadata
+
+    with session_scope(sqlite_url) as s:
+        rec = active_model(s)
+        assert f"{rec.name}:{rec.version}" == model_version(read_metadata(DEFAULT_CHECKPOINT))
+        assert rec.sha256 == file_sha256(DEFAULT_CHECKPOINT)
+        assert rec.metrics["val"]["macro_f1"] > 0.9
+
+
+def test_registering_makes_a_candidate_and_activation_keeps_one_active(sqlite_url):
+    with session_scope(sqlite_url) as s:
+        shipped = active_model(s)
+        _register(s, "1", 0.95)
+        _register(s, "2", 0.97)
+    with session_scope(sqlite_url) as s:
+        assert active_model(s).id == shipped.id  # candidates only
+        activate_model(s, ref="m:2")
     with session_scope(sqlite_url) as s:
         assert active_model(s).version == "2"
+        assert [r.version for r in list_models(s) if r.active] == ["2"]
+
+
+def test_activation_refuses_a_weaker_model_unless_forced(sqlite_url):
+    with session_scope(sqlite_url) as s:
+        _register(s, "good", 0.96)
+        _register(s, "worse", 0.93)
+        _register(s, "tiny", 0.2)
+        _register(s, "nometrics", None)
+        activate_model(s, ref="m:good")
+        with pytest.raises(PromotionRefused, match=r"below the active m:good's 0\.960; --force"):
+            activate_model(s, ref="m:worse")
+        with pytest.raises(PromotionRefused, match="below the floor 0.500"):
+            activate_model(s, ref="m:tiny", floor=0.5)
+        with pytest.raises(PromotionRefused, match="no recorded val macro_f1"):
+            activate_model(s, ref="m:nometrics")
+        with pytest.raises(NotFound, match="sortline models"):
+            activate_model(s, ref="m:9")
+        assert active_model(s).version == "good"
+        activate_model(s, ref="m:worse", force=True)  # the rollback
+        assert active_model(s).version == "worse"

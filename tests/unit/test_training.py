@@ -187,6 +187,9 @@ def test_frozen_run_writes_its_folder(frozen_run):
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["n"] > 0 and set(m["test"]["per_class"]) == set(CLASSES)
     assert m["calibration"]["split"] == "val" and m["calibration"]["temperature"] > 0
+    ci = m["test"]["intervals"]  # the bootstrap 95% intervals the model card reports
+    assert ci["accuracy"][0] <= m["test"]["accuracy"] <= ci["accuracy"][1]
+    assert set(ci["per_class_f1"]) == set(CLASSES)
 
 
 def test_checkpoint_round_trip(frozen_run):
@@ -340,7 +343,7 @@ def test_robustness_report_is_deterministic():
 
 def test_register_records_the_checkpoint(frozen_run, tmp_path, monkeypatch):
     from db.engine import session_scope
-    from db.service import active_model
+    from db.service import active_model, get_model
     from training.fit.run import register
     from training.model.checkpoint import file_sha256
 
@@ -349,6 +352,7 @@ def test_register_records_the_checkpoint(frozen_run, tmp_path, monkeypatch):
     ckpt = frozen_run["out"] / "model.safetensors"
     assert register(ckpt) == "sortline-trashnet:t1"
     with session_scope(url) as s:
-        rec = active_model(s)
-        assert rec.version == "t1" and rec.sha256 == file_sha256(ckpt) and rec.classes == CLASSES
+        rec = get_model(s, ref="sortline-trashnet:t1")
+        assert rec.sha256 == file_sha256(ckpt) and rec.classes == CLASSES
         assert rec.metrics["test"]["n"] > 0
+        assert not rec.active and active_model(s).version == "1.1.0"  # a candidate

@@ -31,6 +31,7 @@ def test_train_shows_progress_per_epoch(trained):
     assert "epoch   1" in trained["output"] and "epoch   2" in trained["output"]
     assert "test: accuracy" in trained["output"]
     assert (trained["out"] / "model.safetensors").exists()
+    assert " s on cpu (" in trained["output"]  # where it trained
 
 
 def test_evaluate_json(trained):
@@ -44,6 +45,30 @@ def test_evaluate_json(trained):
     assert set(m["per_class"]) == set(CLASSES)
     assert {"precision", "recall", "f1"} <= set(m["per_class"]["glass"])
     assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    ci = m["intervals"]
+    assert ci["level"] == 0.95 and ci["resamples"] == 1000
+    assert ci["accuracy"][0] <= m["accuracy"] <= ci["accuracy"][1]
+    assert ci["macro_f1"][0] <= m["macro_f1"] <= ci["macro_f1"][1]
+    assert set(ci["per_class_f1"]) == set(CLASSES)
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"])]
+    )
+    assert r.exit_code == 0 and "bootstrap 95% intervals (1000 resamples): accuracy" in r.output
+    # the run's checkpoint carries a threshold; the review figures are consistent
+    assert m["unfamiliar_threshold"] > 0 and 0 <= m["unfamiliar_rate"] <= m["needs_review_rate"]
+    wrong = 1 - m["accuracy"]
+    assert max(0.0, wrong - m["needs_review_rate"]) - 1e-9 <= m["confident_error_rate"] <= wrong
+
+
+def test_evaluate_threshold_setting_flags_everything(trained):
+    ckpt = trained["out"] / "model.safetensors"
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json"],
+        env={"SORTLINE_UNFAMILIAR_THRESHOLD": "-1"},
+    )  # fmt: skip
+    m = json.loads(r.output.strip().splitlines()[-1])
+    assert m["unfamiliar_rate"] == 1 and m["needs_review_rate"] == 1
+    assert m["confident_error_rate"] == 0
 
 
 def test_predict_json_and_grid(trained, tmp_path):
@@ -60,6 +85,8 @@ def test_predict_json_and_grid(trained, tmp_path):
     lines = [json.loads(x) for x in r.output.strip().splitlines()]
     assert lines[0]["label"] in CLASSES and 0 < lines[0]["confidence"] <= 1
     assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
+    assert lines[0]["unfamiliarity"] >= 0 and isinstance(lines[0]["unfamiliar"], bool)
+    assert lines[0]["needs_review"] == (lines[0]["confidence"] < 0.6 or lines[0]["unfamiliar"])
     assert lines[0]["status"] == "ok" and lines[0]["error"] is None
     assert lines[1]["status"] == "error" and lines[1]["error"] and lines[1]["label"] is None
     assert grid.exists()

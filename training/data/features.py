@@ -43,14 +43,16 @@ def extract(
     transform: Callable[[Image.Image], np.ndarray] | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Pooled features (N, D) of uint8 HWC images through the eval transform (or *transform*)."""
+    """Pooled features (N, D) of uint8 HWC images through the eval transform (or *transform*),
+    on the device *model* is on."""
     model.eval()
     fn = transform or (lambda im: preprocess(im, spec))
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
         batch = np.stack([fn(Image.fromarray(a)) for a in images[i : i + batch_size]])
-        x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
-        out.append(forward_features(model, x).float().numpy())
+        x = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+        out.append(forward_features(model, x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

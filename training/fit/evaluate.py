@@ -13,7 +13,7 @@ from PIL import Image
 
 from training.model.calibration import calibration, expected_calibration_error, softmax
 from training.model.preprocess import PreprocessSpec, preprocess
-from training.reports.metrics import classification_metrics
+from training.reports.metrics import bootstrap_intervals, classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,24 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits (N, C) for uint8 HWC arrays or PIL images through the eval transform.
 
-    With *tta*, the logits of the image and its horizontal mirror are averaged.
+    Runs on the device *model* is on. With *tta*, the logits of the image and its horizontal
+    mirror are averaged.
     """
     model.eval()
     fn = transform or (lambda im: preprocess(im, spec))
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
         batch = [
             im if isinstance(im, Image.Image) else Image.fromarray(im)
             for im in images[i : i + batch_size]
         ]
-        x = torch.from_numpy(np.stack([fn(im) for im in batch]))
+        x = torch.from_numpy(np.stack([fn(im) for im in batch])).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x).float()
         if tta:
             logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(logits.numpy())
+        out.append(logits.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -86,6 +88,7 @@ def score_splits(
     cal = calibration(val_logits, y["val"])
     test_logits = predict_logits(model, images["test"], spec)
     test_m = classification_metrics(y["test"], test_logits.argmax(1), classes)
+    test_m["intervals"] = bootstrap_intervals(y["test"], test_logits.argmax(1), classes)
     test_m["ece"] = expected_calibration_error(softmax(test_logits, cal["temperature"]), y["test"])
     full = {
         "val": classification_metrics(y["val"], val_logits.argmax(1), classes),
@@ -106,18 +109,64 @@ def score_splits(
 
 
 def _load(checkpoint: str | Path):
-    from training.model.checkpoint import load_checkpoint, preprocess_spec
+    from training.model.checkpoint import preprocess_spec
+    from training.model.export import scored
 
-    model, meta = load_checkpoint(checkpoint)
+    model, meta = scored(checkpoint)  # with the unfamiliarity score when the checkpoint has it
     model = model.to(memory_format=torch.channels_last)
     return model, meta, preprocess_spec(meta)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path) -> dict:
+@torch.no_grad()
+def _predict(model, images: Sequence[Image.Image], spec: PreprocessSpec):
+    """Logits and unfamiliarity scores (None without statistics) of PIL images."""
+    from training.model.export import ScoredModel
+
+    if not isinstance(model, ScoredModel):
+        return predict_logits(model, images, spec), None
+    logits, scores = [], []
+    for i in range(0, len(images), 64):
+        x = torch.from_numpy(np.stack([preprocess(im, spec) for im in images[i : i + 64]]))
+        lg, sc = model(x.contiguous(memory_format=torch.channels_last))
+        logits.append(lg.numpy())
+        scores.append(sc.numpy())
+    return np.concatenate(logits), np.concatenate(scores)
+
+
+def unfamiliar_threshold(meta: dict, override: float | None = None) -> float | None:
+    """The threshold above which an image is unfamiliar: *override*, else the checkpoint's."""
+    return override if override is not None else (meta.get("unfamiliarity") or {}).get("threshold")
+
+
+def review_figures(
+    probs: np.ndarray, y: Sequence[int], scores: np.ndarray | None, *, review: float, thr
+) -> dict:
+    """Shares flagged for review (low confidence or unfamiliar) and of confident errors."""
+    conf, wrong = probs.max(1), probs.argmax(1) != np.asarray(y)
+    unfamiliar = (scores > thr) if scores is not None and thr is not None else np.zeros_like(wrong)
+    flagged = (conf < review) | unfamiliar
+    return {
+        "review_threshold": review,
+        "unfamiliar_threshold": thr,
+        "unfamiliar_rate": float(unfamiliar.mean()),
+        "needs_review_rate": float(flagged.mean()),
+        "confident_error_rate": float((wrong & ~flagged).mean()),
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    review_threshold: float = 0.6,
+    unfamiliar_override: float | None = None,
+) -> dict:
     """Score a checkpoint on every readable image of a labelled ImageFolder directory.
 
-    Class folders must be a subset of the checkpoint's classes. Images are decoded and
-    preprocessed exactly as the worker does.
+    The figures come with bootstrap 95% intervals (``intervals``). Class folders must be a
+    subset of the checkpoint's classes. Images are decoded and preprocessed exactly as the
+    worker does. Besides accuracy and ECE: the shares flagged for review and the
+    confident-error rate (wrong and not flagged) at *review_threshold*.
     """
     from training.data.dataset import DatasetError, scan_imagefolder
     from training.model.imaging import decode_image
@@ -134,18 +183,27 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path) -> dict:
         decode_image((ds.root / s.file).read_bytes(), draft=(spec.resize, spec.resize))
         for s in ds.samples
     ]
-    logits = predict_logits(model, images, spec)
+    logits, scores = _predict(model, images, spec)
     y = [classes.index(s.label) for s in ds.samples]
     m = classification_metrics(y, logits.argmax(1).tolist(), classes)
+    m["intervals"] = bootstrap_intervals(y, logits.argmax(1), classes)
     probs = softmax(logits, float(meta.get("temperature", 1.0)))
     m["ece"] = expected_calibration_error(probs, y)
+    thr = unfamiliar_threshold(meta, unfamiliar_override)
+    m.update(review_figures(probs, y, scores, review=review_threshold, thr=thr))
     m["skipped"] = [{"file": f, "reason": r} for f, r in ds.skipped]
     m["model"] = f"{meta.get('name')}:{meta.get('version')}"
     return m
 
 
-def predict_files(paths: Sequence[str | Path], checkpoint: str | Path) -> list[dict]:
-    """Label and calibrated confidence (softmax at the stored temperature) for each image file."""
+def predict_files(
+    paths: Sequence[str | Path],
+    checkpoint: str | Path,
+    *,
+    review_threshold: float = 0.6,
+    unfamiliar_override: float | None = None,
+) -> list[dict]:
+    """Label, calibrated confidence, unfamiliarity and needs_review for each image file."""
     from training.model.imaging import ImageError, decode_image
 
     model, meta, spec = _load(checkpoint)
@@ -158,13 +216,20 @@ def predict_files(paths: Sequence[str | Path], checkpoint: str | Path) -> list[d
             out.append({"file": str(p)})
         except (ImageError, OSError) as e:
             out.append({"file": str(p), "error": str(e)})
+    thr = unfamiliar_threshold(meta, unfamiliar_override)
     if images:
-        probs = softmax(predict_logits(model, images, spec), t)
-        for i, pr in zip(ok, probs, strict=True):
+        logits, scores = _predict(model, images, spec)
+        probs = softmax(logits, t)
+        for j, (i, pr) in enumerate(zip(ok, probs, strict=True)):
             k = int(pr.argmax())
+            score = float(scores[j]) if scores is not None else None
+            unfamiliar = score is not None and thr is not None and score > thr
             out[i].update(
                 label=classes[k],
                 confidence=float(pr[k]),
+                unfamiliarity=score,
+                unfamiliar=unfamiliar,
+                needs_review=bool(pr[k] < review_threshold or unfamiliar),
                 probabilities={c: float(v) for c, v in zip(classes, pr, strict=True)},
                 image=images[ok.index(i)],
             )

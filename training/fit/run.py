@@ -29,8 +29,10 @@ from training.fit.train import (
     FrozenParams,
     check_balance,
     choose_wise_alpha,
+    device_name,
     train_finetune,
     train_frozen,
+    training_device,
     wise_blend,
 )
 from training.model.factory import ARCHS, create_model, head_module, resolve_preprocess
@@ -67,6 +69,8 @@ class RunConfig:
     register: bool = True
     cache_dir: str = "cache"
     study: dict | None = None  # train --from-study: the study and trial it comes from
+    device: str = "auto"  # auto | cpu | cuda (auto: the GPU when there is one)
+    teachers: tuple[str, ...] = ()  # finetune: distil from these runs (training.fit.distill)
 
     def __post_init__(self) -> None:
         from training.model.factory import input_size
@@ -81,6 +85,8 @@ class RunConfig:
         if self.mode not in ("frozen", "finetune"):
             raise ConfigError(f"mode must be frozen or finetune, not {self.mode!r}")
         check_balance(self.balance)
+        if self.teachers and self.mode != "finetune":
+            raise ConfigError("distilling from teachers needs --mode finetune")
         if self.arch not in ARCHS:
             raise ConfigError(
                 f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}"
@@ -148,9 +154,14 @@ def fit_probe(
 
 
 def fine_tune(
-    cfg: RunConfig, model: nn.Module, data: RunData, on_epoch: EpochCallback | None
+    cfg: RunConfig,
+    model: nn.Module,
+    data: RunData,
+    on_epoch: EpochCallback | None,
+    deadline: float | None = None,
 ) -> tuple[nn.Module, list[dict], dict]:
-    """Fine-tune the whole network from the probe; WiSE-FT blend chosen on val."""
+    """Fine-tune the whole network from the probe (distilled from ``cfg.teachers`` if any);
+    WiSE-FT blend chosen on val."""
     fp = FinetuneParams(
         **{**asdict(cfg.finetune), "seed": cfg.seed, "balance": cfg.balance,
            "augment": cfg.augment_preset}
@@ -160,9 +171,18 @@ def fine_tune(
         lin = _last_linear(model)
         nn.init.normal_(lin.weight, std=0.01)
         nn.init.zeros_(lin.bias)
+    teacher = None
+    if cfg.teachers:
+        from training.fit.distill import load_teachers
+
+        teacher = load_teachers(
+            cfg.teachers, classes=data.classes, manifest_sha256=data.manifest_sha256,
+            student=data.spec, device=next(model.parameters()).device,
+        )  # fmt: skip
     model, history = train_finetune(
         model, data.images["train"], data.y["train"], data.images["val"], data.y["val"],
-        data.spec, fp, num_classes=len(data.classes), on_epoch=on_epoch,
+        data.spec, fp, num_classes=len(data.classes), on_epoch=on_epoch, teacher=teacher,
+        deadline=deadline,
     )  # fmt: skip
     extra: dict = {}
     alpha = fp.wise_alpha
@@ -170,6 +190,7 @@ def fine_tune(
         alpha, extra["wise_selection"] = choose_wise_alpha(
             model, zero_state, fp.wise_alphas, data.images["val"], data.y["val"], data.spec
         )
+        extra["wise_selection"]["alpha"] = alpha
     if alpha is not None and alpha < 1:
         model.load_state_dict(wise_blend(zero_state, model.state_dict(), alpha))
     extra["wise_alpha"] = alpha
@@ -184,9 +205,24 @@ def evaluate_run(cfg: RunConfig, model: nn.Module, data: RunData) -> dict:
     )  # fmt: skip
 
 
+def fit_unfamiliarity(
+    model: nn.Module, images: dict[str, list], y: dict[str, np.ndarray], spec: PreprocessSpec
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Unfamiliarity statistics of *model*'s features on train, threshold flagging 5% of val."""
+    from training.data.features import extract
+    from training.model import unfamiliarity
+
+    train_x = extract(model, images["train"], spec)
+    val_x = extract(model, images["val"], spec)
+    stats, threshold = unfamiliarity.fit(train_x, y["train"], val_x)
+    info = {"method": "mahalanobis", "threshold": threshold,
+            "val_flagged": unfamiliarity.VAL_FLAGGED, "n_train": len(train_x)}  # fmt: skip
+    return stats, info
+
+
 def short_metrics(m: dict) -> dict:
     """A split's headline figures (no confusion matrix) as stored in the checkpoint."""
-    keep = ("n", "accuracy", "macro_f1", "per_class", "ece")
+    keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "intervals")
     return {k: m[k] for k in keep if k in m}
 
 
@@ -213,7 +249,14 @@ def write_run_folder(out: Path, data: RunData, full: dict, histories: dict[str, 
 
 
 def save_run_checkpoint(
-    cfg: RunConfig, model: nn.Module, data: RunData, metrics: dict, seconds: float, out: Path
+    cfg: RunConfig,
+    model: nn.Module,
+    data: RunData,
+    metrics: dict,
+    seconds: float,
+    out: Path,
+    ran_on: str = "cpu",
+    unfamiliarity: tuple[dict[str, np.ndarray], dict] | None = None,
 ) -> dict:
     """Write ``model.safetensors`` with its metadata and ``summary.json``; return the summary."""
     from training.model.checkpoint import save_checkpoint
@@ -228,15 +271,19 @@ def save_run_checkpoint(
         "temperature": metrics["calibration"]["temperature"],
         "metrics": metrics,
         "manifest_sha256": data.manifest_sha256,
-        "training": {**asdict(cfg), "seconds": round(seconds, 1)},
+        "training": {**asdict(cfg), "seconds": round(seconds, 1), "ran_on": ran_on},
     }
+    stats = None
+    if unfamiliarity is not None:
+        stats, meta["unfamiliarity"] = unfamiliarity
     ckpt = out / "model.safetensors"
-    sha = save_checkpoint(ckpt, model, meta, half=cfg.half)
+    sha = save_checkpoint(ckpt, model, meta, half=cfg.half, unfamiliarity=stats)
     summary = {
         "checkpoint": str(ckpt),
         "sha256": sha,
         "version": version,
         "seconds": round(seconds, 1),
+        "ran_on": ran_on,
         "metrics": metrics,
         "manifest_sha256": data.manifest_sha256,
     }
@@ -245,7 +292,10 @@ def save_run_checkpoint(
 
 
 def register(checkpoint: str | Path) -> str:
-    """Record a checkpoint in the models table (and make it the active model)."""
+    """Record a checkpoint in the models table as a candidate; return its ``NAME:VERSION``.
+
+    The active model is unchanged: ``sortline models activate`` (or ``--activate``) promotes.
+    """
     from db.engine import session_scope
     from db.migrate import ensure_schema
     from db.service import register_model
@@ -262,27 +312,36 @@ def register(checkpoint: str | Path) -> str:
             path=str(Path(checkpoint).resolve()),
             sha256=file_sha256(checkpoint),
             classes=meta["classes"],
-            metrics=meta["metrics"],
-            activate=True,
+            metrics=meta.get("metrics", {}),
         )
     return f"{meta['name']}:{meta['version']}"
 
 
-def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
-    """Run one training end to end; write everything into ``cfg.out``; return the summary."""
+def train(
+    cfg: RunConfig, on_epoch: EpochCallback | None = None, *, deadline: float | None = None
+) -> dict:
+    """Run one training end to end; write everything into ``cfg.out``; return the summary.
+
+    With *deadline* (a ``time.time()`` value), fine-tuning starts no epoch that would end
+    after it (the evaluation after it still runs).
+    """
     cfg.validate()
+    device = training_device(cfg.device)
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     data = load_data(cfg, out)
     model = create_model(cfg.arch, num_classes=len(data.classes), pretrained=cfg.pretrained)
-    model = model.to(memory_format=torch.channels_last).eval()
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    log.info("training on %s", device_name(device))
     probe_history = fit_probe(cfg, model, data, on_epoch if cfg.mode == "frozen" else None)
     histories = {"history": probe_history}
     extra: dict = {}
     if cfg.mode == "finetune":
-        model, history, extra = fine_tune(cfg, model, data, on_epoch)
+        model, history, extra = fine_tune(cfg, model, data, on_epoch, deadline)
         histories = {"history": history, "probe_history": probe_history}
     model.eval()
     full = evaluate_run(cfg, model, data)
@@ -291,7 +350,10 @@ def train(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict:
     write_run_folder(out, data, full, histories)
     metrics = {k: short_metrics(v) if k in ("val", "test", "test_flip_tta") else v
                for k, v in full.items()}  # fmt: skip
-    summary = save_run_checkpoint(cfg, model, data, metrics, time.time() - t_start, out)
+    unfamiliar = fit_unfamiliarity(model, data.images, data.y, data.spec)
+    summary = save_run_checkpoint(
+        cfg, model, data, metrics, time.time() - t_start, out, device_name(device), unfamiliar
+    )
     if cfg.register:
         summary["registered"] = register(out / "model.safetensors")
     return summary

@@ -2,7 +2,8 @@
 
 The float16 copy is scored again on the run's own val and test splits (rebuilt from its
 manifest), so the figures stored with the shipped file are the shipped file's. The temperature
-is refitted on val. Run: ``sortline ship runs/RUN --version 1.0.0``.
+is refitted on val, and the unfamiliarity statistics on the train split's features.
+Run: ``sortline ship runs/RUN --version 1.0.0``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def ship(
     spec = preprocess_spec(meta)
     classes = meta["classes"]
     images, y = {}, {}
-    for sp in ("val", "test"):
+    for sp in ("train", "val", "test"):
         samples = ds.split(sp)
         y[sp] = np.array([classes.index(s.label) for s in samples])
         images[sp] = load_resized(ds, samples, short_side=spec.resize, cache_dir=Path(cache_dir))
@@ -56,6 +57,9 @@ def ship(
             "weights": "float32 (the run's)",
         }
     cal = scored["calibration"]
+    from training.fit.run import fit_unfamiliarity
+
+    stats, meta["unfamiliarity"] = fit_unfamiliarity(model, images, y, spec)
     meta = {
         **meta,
         "name": name,
@@ -64,7 +68,7 @@ def ship(
         "metrics": metrics,
         "source_run": run_dir.name,
     }
-    save_checkpoint(tmp, model, meta, half=True)
+    save_checkpoint(tmp, model, meta, half=True, unfamiliarity=stats)
     os.replace(tmp, out)
     out.chmod(0o644)
     sha = file_sha256(out)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +33,32 @@ from training.model.preprocess import PreprocessSpec
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict], None]
+# a batch of student inputs -> the teachers' averaged class probabilities (see training.fit.distill)
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def training_device(device: str) -> torch.device:
+    """The torch device of ``--device auto|cpu|cuda``: ``auto`` takes the GPU when there is one."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if device == "cuda":
+        raise ConfigError(
+            "--device cuda: PyTorch sees no CUDA GPU here; use --device cpu (or auto), "
+            "or install the CUDA wheels of torch on a machine with a GPU"
+        )
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """Where a run trained, for its metadata: ``cpu (2 cores)`` or ``cuda (NVIDIA H200)``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -198,7 +226,35 @@ class FinetuneParams:
     wise_alpha: float | None = None  # WiSE-FT: blend with the frozen model (1 = fine-tuned only)
     wise_alphas: tuple[float, ...] = ()  # or choose alpha among these on the val split
     tta: bool = False
+    distill_weight: float = 0.7  # with teachers: weight of their soft targets (1 - it: labels)
+    loader_workers: int | None = None  # DataLoader workers; None: 0 on the CPU, up to 8 on CUDA
     seed: int = 0
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Training images through the augmentation: (normalised CHW tensor, label) per index."""
+
+    def __init__(self, images: Sequence[np.ndarray], y: np.ndarray, aug) -> None:
+        self.images, self.y, self.aug = images, y, aug
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.aug(Image.fromarray(self.images[j]))), int(self.y[j])
+
+
+def _loader_workers(requested: int | None, device: torch.device) -> int:
+    if requested is None:
+        requested = min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    if requested and multiprocessing.current_process().daemon:
+        log.warning("a daemonic process (a Celery pool process) cannot start DataLoader workers")
+        return 0
+    return requested
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * torch.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
 class _EMA:
@@ -232,6 +288,61 @@ def wise_blend(zero: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], alpha
     }
 
 
+def _optimizer(model: nn.Module, params: FinetuneParams, n_train: int):
+    """AdamW with a lower backbone learning rate; linear warm-up, then a cosine per step."""
+    backbone, head = split_backbone_head(model)
+    opt = torch.optim.AdamW(
+        [{"params": backbone, "lr": params.backbone_lr}, {"params": head, "lr": params.lr}],
+        weight_decay=params.weight_decay,
+    )
+    steps_per_epoch = math.ceil(n_train / params.batch_size)
+    total = params.epochs * steps_per_epoch
+    warm = int(params.warmup_epochs * steps_per_epoch)
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader,
+    opt,
+    sched,
+    loss_fn: nn.Module,
+    *,
+    ema: _EMA | None,
+    teacher: Teacher | None,
+    distill_weight: float,
+) -> tuple[float, float]:
+    """One pass over *loader* (bf16 autocast on CUDA); return the mean loss and accuracy."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    tot, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if teacher is not None:
+                w = distill_weight
+                loss = (1 - w) * loss + w * _soft_cross_entropy(logits, teacher(x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if ema:
+            ema.update(model)
+        tot += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return tot / n, correct / n
+
+
 def train_finetune(
     model: nn.Module,
     train_images: Sequence[np.ndarray],
@@ -243,58 +354,52 @@ def train_finetune(
     *,
     num_classes: int,
     on_epoch: EpochCallback | None = None,
+    teacher: Teacher | None = None,
+    deadline: float | None = None,
 ) -> tuple[nn.Module, list[dict]]:
-    """Fine-tune *model* (its head already initialised, e.g. by the probe); return it + history."""
+    """Fine-tune *model* (its head already initialised, e.g. by the probe); return it + history.
+
+    Trains on the device *model* is on (CUDA: bf16 autocast). With *teacher*, the loss mixes
+    the labels with the teachers' probabilities on the same augmented batch. With *deadline*
+    (a ``time.time()`` value), no epoch is started that would end after it.
+    """
     check_balance(params.balance)
     seed_everything(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     aug = build_augment(params.augment, spec)
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    workers = _loader_workers(params.loader_workers, device)
+    data = _Augmented(train_images, y_train, aug)
+    loader_gen = torch.Generator().manual_seed(params.seed)  # keeps the global RNG's stream
     model = model.to(memory_format=torch.channels_last)
-    backbone, head = split_backbone_head(model)
-    opt = torch.optim.AdamW(
-        [{"params": backbone, "lr": params.backbone_lr}, {"params": head, "lr": params.lr}],
-        weight_decay=params.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(y_train) / params.batch_size)
-    total = params.epochs * steps_per_epoch
-    warm = int(params.warmup_epochs * steps_per_epoch)
-
-    def lr_lambda(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    loss_fn = _loss_fn(y_train, num_classes, params.balance, params.label_smoothing)
+    opt, sched = _optimizer(model, params, len(y_train))
+    loss_fn = _loss_fn(y_train, num_classes, params.balance, params.label_smoothing).to(device)
     ema = _EMA(model, params.ema_decay) if params.ema_decay > 0 else None
     history = []
     for epoch in range(1, params.epochs + 1):
         t0 = time.perf_counter()
+        if deadline is not None and history and time.time() + history[-1]["seconds"] > deadline:
+            log.warning("stopping before the time budget after epoch %d", epoch - 1)
+            break
         model.train()
         if params.freeze_bn:
             _set_bn_eval(model)
         order = _epoch_order(y_train, num_classes, params.balance, gen).tolist()
-        tot, correct, n = 0.0, 0, 0
-        for i in range(0, len(order), params.batch_size):
-            idx = order[i : i + params.batch_size]
-            x = torch.from_numpy(np.stack([aug(Image.fromarray(train_images[j])) for j in idx]))
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(y_train[idx]).long()
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema:
-                ema.update(model)
-            tot += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(idx)
+        batches = [
+            order[i : i + params.batch_size] for i in range(0, len(order), params.batch_size)
+        ]
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=batches, num_workers=workers, generator=loader_gen, pin_memory=cuda
+        )
+        train_loss, train_acc = _train_epoch(
+            model, loader, opt, sched, loss_fn, ema=ema, teacher=teacher,
+            distill_weight=params.distill_weight,
+        )  # fmt: skip
         scored = ema.shadow if ema else model
         val_logits = ev.predict_logits(scored, val_images, spec, tta=params.tta)
         rec = _val_record(
-            epoch, tot / n, correct / n, val_logits, y_val, num_classes, time.perf_counter() - t0
+            epoch, train_loss, train_acc, val_logits, y_val, num_classes, time.perf_counter() - t0
         )
         history.append(rec)
         log.info("epoch %d: %s", epoch, rec)

@@ -2,7 +2,9 @@
 
 Metadata (under the header key ``sortline``): format, name, version, arch, classes,
 preprocess (a :class:`PreprocessSpec`), temperature, metrics (each naming its split),
-manifest_sha256 and training settings. Loading never executes code.
+manifest_sha256 and training settings; with ``unfamiliarity`` (method, threshold), the
+statistics of :mod:`training.model.unfamiliarity` are stored as float32 tensors named
+``unfamiliarity.*`` beside the weights. Loading never executes code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import struct
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sortline.errors import SortlineError
 
@@ -59,13 +63,23 @@ def model_version(meta: dict[str, Any]) -> str:
     return f"{meta.get('name', 'model')}:{meta.get('version', '0')}"
 
 
-def save_checkpoint(path: str | Path, model, meta: dict[str, Any], *, half: bool = False) -> str:
+def save_checkpoint(
+    path: str | Path,
+    model,
+    meta: dict[str, Any],
+    *,
+    half: bool = False,
+    unfamiliarity: dict[str, Any] | None = None,
+) -> str:
     """Write *model*'s weights and *meta* to *path*; return the file's sha256.
 
     With *half*, floating-point tensors are stored as float16 (half the size); they are
-    loaded back as float32.
+    loaded back as float32. *unfamiliarity* (arrays) is stored as float32 tensors.
     """
+    import torch
     from safetensors.torch import save_file
+
+    from training.model.unfamiliarity import PREFIX
 
     for key in ("arch", "classes", "preprocess"):
         if key not in meta:
@@ -77,6 +91,8 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], *, half: bool
         if half and v.is_floating_point():
             v = v.half()
         state[k] = v.contiguous()
+    for k, v in (unfamiliarity or {}).items():
+        state[PREFIX + k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
@@ -103,12 +119,13 @@ def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None):
     from safetensors.torch import load_file
 
     from training.model.factory import create_model
+    from training.model.unfamiliarity import PREFIX
 
     meta = read_metadata(path)
     verify_sha256(path, expected_sha256)
     model = create_model(meta["arch"], num_classes=len(meta["classes"]), pretrained="none")
     try:
-        state = load_file(str(path))
+        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(PREFIX)}
         ref = model.state_dict()
         state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
         model.load_state_dict(state)
@@ -116,6 +133,17 @@ def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None):
         raise CheckpointError(f"{path}: weights do not fit {meta['arch']}: {e}") from None
     model.eval()
     return model, meta
+
+
+def read_unfamiliarity(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The unfamiliarity statistics stored in a checkpoint, or None (NumPy, no torch)."""
+    from safetensors import safe_open
+
+    from training.model.unfamiliarity import PREFIX
+
+    with safe_open(str(path), framework="numpy") as f:
+        keys = [k for k in f.keys() if k.startswith(PREFIX)]  # noqa: SIM118
+        return {k.removeprefix(PREFIX): f.get_tensor(k) for k in keys} or None
 
 
 def preprocess_spec(meta: dict[str, Any]):

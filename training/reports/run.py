@@ -20,7 +20,9 @@ from training.reports import charts as viz
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEYS = ("arch", "mode", "augment", "balance", "pretrained", "seed", "split_seed", "seconds")
+CONFIG_KEYS = (
+    "arch", "mode", "augment", "balance", "pretrained", "seed", "split_seed", "seconds", "ran_on",
+)  # fmt: skip
 
 
 class RunError(SortlineError, ValueError):
@@ -167,6 +169,11 @@ def run_report(run_dir: str | Path, out: str | Path) -> Path:
     rows = _split_rows(m)
     if rows:
         page.table(["split", "n", "accuracy", "macro-F1", "ECE"], rows)
+        ci = (m.get("test") or {}).get("intervals")
+        if ci:
+            page.p(f"Test, bootstrap {ci['level']:.0%} intervals ({ci['resamples']} resamples): "
+                   f"accuracy {ci['accuracy']}, macro-F1 {ci['macro_f1']}; F1 per class: "
+                   + ", ".join(f"{c} {v}" for c, v in ci["per_class_f1"].items()))  # fmt: skip
     else:
         page.p("No metrics.json or summary.json.", "warn")
     cal = m.get("calibration")

@@ -8,7 +8,7 @@ import os
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from sortline.names import CLASSIFY_TASK
 from worker.app import app
@@ -18,8 +18,7 @@ from worker.inputs import MessageError, parse_message, salvage
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (OperationalError, DBAPIError, ConnectionError, TimeoutError, OSError)
-DB_DOWN = (OperationalError, InterfaceError)  # the database itself cannot be reached
+TRANSIENT = (ConnectionError, TimeoutError, OSError)
 DELIVERIES_KEY = "sortline:deliveries:"
 
 _redis: tuple[int, redis.Redis | None] | None = None
@@ -39,6 +38,23 @@ def _broker_redis() -> redis.Redis | None:
         client = redis.from_url(url, **opts)
     _redis = (os.getpid(), client)
     return client
+
+
+def database_unavailable(e: BaseException) -> bool:
+    """Whether *e* is the database failing (down, silent, read-only, out of connections …)
+    rather than refusing the data itself: such a message is kept for as long as it takes."""
+    return isinstance(e, DBAPIError) and not isinstance(e, DataError | IntegrityError)
+
+
+def _keep(task, msg_job: str, e: BaseException):
+    """Retry later, without end: nothing about the images is known yet."""
+    delay = min(60, 2 ** min(task.request.retries, 6))
+    log.warning("job %s: database unavailable (%s); retry in %ss", msg_job, _first_line(e), delay)
+    return task.retry(exc=e, countdown=delay, max_retries=None)
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def count_delivery(task_id: str | None) -> int | None:
@@ -99,14 +115,24 @@ def classify_batch(self, message: dict) -> dict:
         log.error("rejected message for job %s: %s", msg.job_id, e)
         forget_deliveries(task_id)
         return Written(0, note=f"rejected: {e}").as_result()
+    except DBAPIError as e:
+        if database_unavailable(e):
+            raise _keep(self, msg.job_id, e) from None
+        reason = f"the database refused the rows: {_first_line(e)}"
     except TRANSIENT as e:
         if self.request.retries < limit:
             delay = min(60, 2**self.request.retries)
             log.warning("job %s: transient error (%s); retry in %ss", msg.job_id, e, delay)
             raise self.retry(exc=e, countdown=delay) from None
         reason = f"gave up after {limit} retries: {type(e).__name__}: {e}"
-    except SoftTimeLimitExceeded:
-        reason = "task time limit exceeded (SORTLINE_TASK_TIME_LIMIT)"
+    except SoftTimeLimitExceeded as e:  # a paused or starved worker as much as a slow message
+        if self.request.retries < limit:
+            log.warning("job %s: over the soft time limit; retrying", msg.job_id)
+            raise self.retry(exc=e, countdown=1) from None
+        reason = (
+            f"task time limit exceeded {limit + 1} times (SORTLINE_TASK_TIME_LIMIT); "
+            f"SORTLINE_TASK_MAX_RETRIES={limit}"
+        )
     except Exception as e:  # a poison message: bounded retries, then error rows
         if self.request.retries < limit:
             log.exception("job %s: unexpected error; retrying", msg.job_id)
@@ -123,12 +149,13 @@ def _give_up(task, msg, reason: str, *, worker: str | None) -> dict:
     log.error("job %s: recording %d error rows: %s", msg.job_id, len(msg.items), reason)
     try:
         n = record_error_rows(msg.job_id, msg.items, reason, worker=worker)
-    except DB_DOWN as e:
-        # Nothing can be recorded while the database is down: keep the message, for as
-        # long as it takes (the images may well be fine once it is back).
-        delay = min(60, 2**task.request.retries)
-        log.warning("job %s: database unreachable (%s); retry in %ss", msg.job_id, e, delay)
-        raise task.retry(exc=e, countdown=delay) from None
+    except DBAPIError as e:
+        # Nothing can be recorded while the database is unavailable: keep the message, for
+        # as long as it takes (the images may well be fine once it is back).
+        if database_unavailable(e):
+            raise _keep(task, msg.job_id, e) from None
+        log.error("job %s: cannot record error rows: %s", msg.job_id, _first_line(e))
+        n = 0
     forget_deliveries(task.request.id)
     return Written(n, n, note=reason[:200]).as_result()
 
@@ -143,9 +170,9 @@ def _reject(task, message, reason: str, *, worker: str | None) -> dict:
     log.error("rejected message for job %s: %s", job_id[:64], reason)
     try:
         n = record_error_rows(job_id, items, f"rejected message: {reason}", worker=worker)
-    except DB_DOWN as e:
-        raise task.retry(exc=e, countdown=min(60, 2**task.request.retries)) from None
-    except DBAPIError as e:  # e.g. a job id longer than the column
-        log.error("cannot record the rejected message: %s", e)
+    except DBAPIError as e:
+        if database_unavailable(e):
+            raise _keep(task, job_id, e) from None
+        log.error("cannot record the rejected message: %s", _first_line(e))
         return Written(0, note=f"rejected: {reason[:200]}").as_result()
     return Written(n, n, note=f"rejected: {reason[:200]}").as_result()

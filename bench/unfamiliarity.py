@@ -1,0 +1,129 @@
+"""Unfamiliarity scores compared on the development data: which one separates shifted photos.
+
+Features of a checkpoint on TrashNet's train/val/test split and on the test split changed by
+the robustness corruptions (the "new site" proxy); each score's threshold flags 5% of val (--val-flagged).
+Prints, per score: share of clean test and shifted test flagged, AUROC clean-vs-shifted, and
+the confident-error rate (wrong and not flagged, flagged = confidence below the review
+threshold or unfamiliar) on the shifted test.
+
+    python bench/unfamiliarity.py --data /work/shared/trashnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHIFTS = ("scene", "zoom_out_0.6", "crop_0.6", "dark", "background_wood")
+
+
+def features_of(checkpoint: Path, data: Path, cache: Path) -> dict[str, np.ndarray]:
+    """Pooled features and logits of every split and every shift (cached)."""
+    from training.data.dataset import load_resized, load_split, manifest_sha256
+    from training.data.features import cached_features, extract
+    from training.fit.robustness import corrupt
+    from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec
+    from training.model.factory import head_module
+
+    model, meta = load_checkpoint(checkpoint)
+    model = model.to(memory_format=torch.channels_last).eval()
+    spec = preprocess_spec(meta)
+    ds = load_split(data, seed=0)
+    key = {"arch": meta["arch"], "checkpoint": file_sha256(checkpoint),
+           "manifest_sha256": manifest_sha256(ds), "shifts": list(SHIFTS)}  # fmt: skip
+
+    def compute() -> dict[str, np.ndarray]:
+        out = {}
+        imgs = {}
+        for sp in ("train", "val", "test"):
+            samples = ds.split(sp)
+            imgs[sp] = load_resized(ds, samples, short_side=spec.resize, cache_dir=cache)
+            out[f"{sp}_x"] = extract(model, imgs[sp], spec)
+            out[f"{sp}_y"] = np.array([ds.label_index(s) for s in samples])
+        for name in SHIFTS:
+            pil = corrupt(imgs["test"], name)
+            out[f"{name}_x"] = extract(model, [np.asarray(p.convert("RGB")) for p in pil], spec)
+        return out
+
+    feats = cached_features(key, compute, cache)
+    head = head_module(model).float()
+    with torch.no_grad():
+        logits = {k[:-2]: head(torch.from_numpy(v)).numpy()
+                  for k, v in feats.items() if k.endswith("_x")}  # fmt: skip
+    return {"feats": feats, "logits": logits, "meta": meta}
+
+
+def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
+    s = np.concatenate([neg, pos])
+    r = s.argsort().argsort() + 1
+    return float((r[len(neg) :].sum() - len(pos) * (len(pos) + 1) / 2) / (len(neg) * len(pos)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/trashnet"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("models/sortline-trashnet.safetensors"))
+    ap.add_argument("--cache", type=Path, default=Path("cache"))
+    ap.add_argument("--review-threshold", type=float, default=0.6)
+    ap.add_argument("--val-flagged", type=float, default=0.05, help="Share of val above it.")
+    a = ap.parse_args()
+    from training.model import unfamiliarity
+    from training.model.calibration import softmax
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    r = features_of(a.checkpoint, a.data, a.cache)
+    f, lg, t = r["feats"], r["logits"], float(r["meta"]["temperature"])
+    print(f"features ready in {time.time() - t0:.0f} s")
+    y = f["test_y"]
+    shifted_x = np.concatenate([f[f"{s}_x"] for s in SHIFTS])
+    shifted_lg = np.concatenate([lg[s] for s in SHIFTS])
+    shifted_y = np.tile(y, len(SHIFTS))
+
+    stats, thr = unfamiliarity.fit(f["train_x"], f["train_y"], f["val_x"], flagged=a.val_flagged)
+    train_n = f["train_x"] / np.linalg.norm(f["train_x"], axis=1, keepdims=True)
+
+    def knn(x: np.ndarray, k: int = 10) -> np.ndarray:
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return -np.sort(xn @ train_n.T, axis=1)[:, -k]
+
+    def energy(logits: np.ndarray) -> np.ndarray:
+        m = logits.max(1)
+        return -(m + np.log(np.exp(logits - m[:, None]).sum(1)))
+
+    scores = {
+        "mahalanobis": lambda x, z: unfamiliarity.score(x, stats),
+        "knn10_cosine": lambda x, z: knn(x),
+        "energy": lambda x, z: energy(z),
+        "max_softmax": lambda x, z: -softmax(z, t).max(1),
+    }
+    rows = []
+    for name, fn in scores.items():
+        thr_s = float(np.quantile(fn(f["val_x"], lg["val"]), 1 - a.val_flagged))
+        clean = fn(f["test_x"], lg["test"])
+        shifted = fn(shifted_x, shifted_lg)
+        p = softmax(shifted_lg, t)
+        wrong = p.argmax(1) != shifted_y
+        flagged = (p.max(1) < a.review_threshold) | (shifted > thr_s)
+        rows.append({
+            "score": name, "clean_test_flagged": round(float((clean > thr_s).mean()), 4),
+            "shifted_flagged": round(float((shifted > thr_s).mean()), 4),
+            "auroc_clean_vs_shifted": round(auroc(clean, shifted), 4),
+            "shifted_confident_error_rate": round(float((wrong & ~flagged).mean()), 4),
+        })  # fmt: skip
+    p = softmax(shifted_lg, t)
+    base = float(((p.argmax(1) != shifted_y) & (p.max(1) >= a.review_threshold)).mean())
+    print(json.dumps({"confidence_only_confident_error_rate": round(base, 4),
+                      "shifted_accuracy": round(float((p.argmax(1) == shifted_y).mean()), 4),
+                      "n_clean_test": len(y), "n_shifted": len(shifted_y)}))  # fmt: skip
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
