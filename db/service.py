@@ -22,6 +22,8 @@ PROMOTION_METRIC = "macro_f1"  # on the val split, compared when a model is acti
 
 # ---------------------------------------------------------------- jobs
 
+FINAL = ("done", "cancelled", "failed")  # job states that rows arriving late do not change
+
 
 def create_job(
     session: Session,
@@ -66,6 +68,17 @@ def close_job(session: Session, *, job_id: str) -> None:
             status=case((complete, "done"), else_="running"),
             finished_at=case((complete, utcnow()), else_=None),
         )
+    )
+
+
+def end_job(session: Session, *, job_id: str, status: str) -> None:
+    """Mark an unfinished job ``cancelled`` or ``failed``; rows already written stay."""
+    if status not in ("cancelled", "failed"):
+        raise ValueError(f"end_job sets cancelled or failed, not {status!r}")
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(FINAL))
+        .values(status=status, finished_at=utcnow())
     )
 
 
@@ -241,6 +254,7 @@ def record_results(session: Session, *, job_id: str, rows: Sequence[dict[str, An
                 failed=Job.failed + err,
                 status=case(
                     (Job.status == "open", Job.status),  # a stream still receiving images
+                    (Job.status.in_(("cancelled", "failed")), Job.status),
                     (finished >= Job.total, "done"),
                     else_="running",
                 ),
@@ -295,6 +309,21 @@ def label_counts(session: Session, *, job_id: str) -> dict[str, int]:
         select(label, func.count()).where(Result.job_id == job_id).group_by(label)
     ).all()
     return {name: n for name, n in sorted(rows, key=lambda r: (-r[1], r[0]))}
+
+
+def job_classes(session: Session, *, job_id: str) -> list[str] | None:
+    """The classes of the model that labelled the job (its probabilities' keys), if any row has them."""
+    probs = session.scalars(
+        select(Result.probs).where(Result.job_id == job_id, Result.status == "ok").limit(1)
+    ).first()
+    return sorted(probs) if probs else None
+
+
+def review_count(session: Session, *, job_id: str) -> int:
+    """How many of a job's results are marked needs_review."""
+    return session.scalar(
+        select(func.count()).where(Result.job_id == job_id, Result.needs_review.is_(True))
+    )
 
 
 # ---------------------------------------------------------------- model registry

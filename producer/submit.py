@@ -13,11 +13,11 @@ from fnmatch import fnmatch
 
 from db.engine import session_scope
 from db.migrate import ensure_schema
-from db.service import create_job, get_job, record_items
+from db.service import FINAL, create_job, end_job, get_job, record_items
 from producer.config import IMAGE_EXTENSIONS, get_producer_settings
 from sortline.errors import SortlineError
 from sortline.names import CLASSIFY_TASK, INFERENCE_QUEUES
-from worker.inputs import build_message, display_ref
+from worker.inputs import build_message, display_ref, task_summary
 from worker.queues import IMAGES_HEADER, queued_images
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ def refuse_if_full(queue: str, n: int) -> None:
         )
 
 
+class MissingPaths(SortlineError, FileNotFoundError):
+    """Local paths that do not exist here."""
+
+
 def _is_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
@@ -95,14 +99,20 @@ def _wanted(name: str, pattern: str | None) -> bool:
 
 
 def expand_paths(
-    paths: Iterable[str | os.PathLike], *, recursive: bool = False, pattern: str | None = None
+    paths: Iterable[str | os.PathLike],
+    *,
+    recursive: bool = False,
+    pattern: str | None = None,
+    worker_paths: bool = False,
 ) -> list[str]:
     """Files named by *paths* (files, folders, globs) as absolute paths, in a stable order.
 
-    A file named explicitly is kept even if it does not exist, so that the job records it
-    as an error row instead of dropping it silently.
+    A path that does not exist here is refused (:class:`MissingPaths`), unless
+    *worker_paths*: then it is kept as it is, for workers that see files this machine does
+    not, and a worker records an error row if it cannot read it either.
     """
     out: list[str] = []
+    missing: list[str] = []
     for raw in paths:
         p = os.fspath(raw)
         if _is_glob(p) and not os.path.exists(p):
@@ -118,8 +128,32 @@ def expand_paths(
                 found.extend(os.path.join(root, f) for f in sorted(files) if _wanted(f, pattern))
             out.extend(os.path.abspath(f) for f in found)
         else:
+            if not worker_paths and not os.path.lexists(p):
+                missing.append(p)
             out.append(os.path.abspath(p))
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise MissingPaths(
+            f"{len(missing)} path(s) do not exist: {shown}; check them, or add --worker-paths "
+            "if only the workers can see these files"
+        )
     return out
+
+
+def no_images_message(paths: Sequence[str | os.PathLike], recursive: bool) -> str:
+    """Why *paths* gave no image, with a hint when a folder holds sub-folders and no ``-r``."""
+    msg = f"no images found in {', '.join(map(str, paths))}"
+    if recursive:
+        return msg
+    for p in paths:
+        if os.path.isdir(p):
+            subs = sorted(e.name for e in os.scandir(p) if e.is_dir())
+            if subs:
+                names = ", ".join(subs[:6]) + (", ..." if len(subs) > 6 else "")
+                return f"{msg}: {p} has {len(subs)} sub-folders ({names}); add -r to include them"
+    return msg
 
 
 def _chunks(seq: Sequence, n: int) -> Iterable[tuple[int, Sequence]]:
@@ -148,6 +182,7 @@ def send_items(
             app.send_task(
                 TASK,
                 args=[build_message(job_id, list(chunk), now)],
+                argsrepr=task_summary(job_id, chunk),
                 queue=queue,
                 producer=producer,
                 headers={IMAGES_HEADER: len(chunk)},
@@ -181,7 +216,12 @@ def _submit(
     with session_scope() as session:
         job_id = create_job(session, source=source, queue=queue, total=len(items)).id
         record_items(session, job_id=job_id, items=items)  # what was sent, to re-send it
-    n = send_items(job_id, items, queue=queue, batch_size=batch_size)
+    try:
+        n = send_items(job_id, items, queue=queue, batch_size=batch_size)
+    except BaseException:  # the broker is down, or Ctrl-C: never leave it `queued` for ever
+        with session_scope() as session:
+            end_job(session, job_id=job_id, status="failed")
+        raise
     log.info("job %s: %d images in %d tasks on queue %s", job_id, len(items), n, queue)
     return job_id
 
@@ -194,9 +234,11 @@ def submit_paths(
     queue: str | None = None,
     batch_size: int | None = None,
     when_full: str = "wait",
+    worker_paths: bool = False,
 ) -> str:
     """Submit image files (files, folders, globs) as one job; return the job id.
 
+    Paths that do not exist here are refused unless *worker_paths* (see :func:`expand_paths`).
     A queue holding ``SORTLINE_MAX_QUEUED`` images makes this wait for room, or with
     ``when_full="refuse"`` raise :class:`QueueFull` before anything is created or sent.
 
@@ -204,9 +246,9 @@ def submit_paths(
         >>> job_id = submit_paths(["photos/"], recursive=True)  # doctest: +SKIP
     """
     paths = list(paths)
-    files = expand_paths(paths, recursive=recursive, pattern=pattern)
+    files = expand_paths(paths, recursive=recursive, pattern=pattern, worker_paths=worker_paths)
     if not files:
-        raise NothingToDo(f"no images found in {', '.join(map(str, paths))}")
+        raise NothingToDo(no_images_message(paths, recursive))
     items = [{"pos": i, "path": f} for i, f in enumerate(files)]
     source = display_ref(", ".join(str(p) for p in paths)[:2000])  # non-UTF-8 names escaped
     return _submit(items, source=source, queue=queue, batch_size=batch_size, when_full=when_full)
@@ -236,14 +278,14 @@ def wait_for_job(
     timeout: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ):
-    """Block until every image of the job has a row; return the finished job."""
+    """Block until every image of the job has a row (or it is cancelled); return the job."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         with session_scope() as session:
             job = get_job(session, job_id=job_id)
         if on_progress is not None:
             on_progress(job.finished, job.total)
-        if job.status == "done" or (job.kind != "stream" and job.finished >= job.total):
+        if job.status in FINAL or (job.kind != "stream" and job.finished >= job.total):
             return job
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} not finished after {timeout} s")

@@ -31,6 +31,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "results": ("jobs:results", "Print a job's per-image results (JOB: id, prefix or 'latest')."),
     "jobs": ("jobs:jobs", "List the newest jobs."),
+    "cancel": (
+        "jobs:cancel",
+        "Cancel a job: drop its queued messages, revoke its tasks; rows already written stay.",
+    ),
+    "close": (
+        "jobs:close",
+        "Close a streaming job left open; it is done once every image it received has a row.",
+    ),
     "worker": (
         "worker:worker",
         "Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`).",
@@ -135,9 +143,34 @@ class LazyGroup(click.Group):
         except ConnectionError as e:
             fail(f"cannot connect: {e}", 1)
         except Exception as e:
-            if type(e).__module__.split(".")[0] in ("kombu", "redis", "amqp"):
+            package = type(e).__module__.split(".")[0]
+            if package in ("kombu", "redis", "amqp"):
                 fail(f"cannot reach the broker ({e}); is Redis running? `sortline up` starts one")
+            if package == "sqlalchemy":
+                problem = _database_problem(e)
+                if problem:
+                    fail(problem)
             raise
+
+
+def _database_problem(e: Exception) -> str | None:
+    """One line for a database that cannot be reached or has no tables, else None."""
+    from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
+
+    from db.config import get_db_settings, mask_url
+
+    if not isinstance(e, OperationalError | InterfaceError | ProgrammingError):
+        return None
+    url = mask_url(get_db_settings().database_url)
+    reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+    if "no such table" in reason or ("relation" in reason and "does not exist" in reason):
+        return f"database {url} has no sortline tables ({reason}); run `sortline db upgrade`"
+    if isinstance(e, ProgrammingError):
+        return None
+    return (
+        f"cannot use the database {url} ({reason}); check that it is running and that "
+        "SORTLINE_DATABASE_URL is right (`sortline health --check database`)"
+    )
 
 
 def fail(message: str, exit_code: int = 1) -> None:

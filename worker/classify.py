@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,12 +50,28 @@ def error_row(item: Item, message: str, *, worker: str | None, sha: str | None =
     }
 
 
-def classify_message(msg: Message, *, worker: str | None) -> int:
-    """Classify the items of *msg* that have no row yet; return how many rows were written."""
+class Written(NamedTuple):
+    """What one message wrote: rows, how many of them are errors, and why none, if so."""
+
+    rows: int
+    errors: int = 0
+    note: str | None = None
+
+    def as_result(self) -> dict[str, Any]:
+        """The task's result, as Flower shows it: ``{"rows": 4, "errors": 0}``."""
+        out: dict[str, Any] = {"rows": self.rows, "errors": self.errors}
+        return {**out, "note": self.note} if self.note else out
+
+
+def classify_message(msg: Message, *, worker: str | None) -> Written:
+    """Classify the items of *msg* that have no row yet; say how many rows were written."""
     with session_scope() as session:
         job = session.get(Job, msg.job_id)
         if job is None:
             raise MessageError(f"unknown job {msg.job_id!r}")
+        if job.status == "cancelled":  # `sortline cancel`: its remaining images are skipped
+            log.info("job %s is cancelled; skipping %d images", msg.job_id, len(msg.items))
+            return Written(0, note="job cancelled")
         done = existing_positions(session, job_id=msg.job_id, positions=[i.pos for i in msg.items])
         total = job.total
     beyond = [it.pos for it in msg.items if it.pos >= total]
@@ -64,7 +80,7 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
     todo = [it for it in msg.items if it.pos not in done and it.pos < total]
     if not todo:
         log.info("job %s: all %d positions already recorded", msg.job_id, len(msg.items))
-        return 0
+        return Written(0, note="already recorded")
 
     clf = get_classifier()
     with get_batcher(clf) as batcher:
@@ -77,7 +93,8 @@ def classify_message(msg: Message, *, worker: str | None) -> int:
     with session_scope() as session:
         written = record_results(session, job_id=msg.job_id, rows=rows)
     record_rows(rows)  # Prometheus, once the rows are stored
-    return written
+    errors = sum(r["status"] == "error" for r in rows)
+    return Written(written, min(errors, written))  # exact unless another delivery raced it
 
 
 def _classify_items(todo: list[Item], clf, batcher, *, worker: str | None) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,16 @@ class Message:
 def build_message(job_id: str, items: list[dict[str, Any]], submitted_at: float) -> dict:
     """The JSON body of one classify task (the producer's side of :func:`parse_message`)."""
     return {"v": SCHEMA_VERSION, "job_id": job_id, "submitted_at": submitted_at, "items": items}
+
+
+def task_summary(job_id: str, items: Sequence[dict], names: int = 3) -> str:
+    """How a task shows in Flower: ``job 1a2b3c4d: 16 images (a.jpg, b.jpg, c.jpg, ...)``."""
+    shown = [
+        display_ref(os.path.basename(it["path"]) if "path" in it else it.get("key", "?"))[:60]
+        for it in items[:names]
+    ]
+    more = ", ..." if len(items) > names else ""
+    return f"job {job_id[:8]}: {len(items)} images ({', '.join(shown)}{more})"
 
 
 def display_ref(ref: str) -> str:

@@ -26,7 +26,7 @@ from db.engine import session_scope
 from db.models import Job
 from db.service import claim_stalled, missing_items, stalled_jobs
 from worker.classify import record_error_rows
-from worker.inputs import Item, build_message, display_ref
+from worker.inputs import Item, build_message, display_ref, task_summary
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,11 @@ def _resend(job_id: str, paths: dict[int, str], *, queue: str) -> None:
     now = time.time()
     with app.producer_or_acquire() as producer:
         for i in range(0, len(items), RESEND_BATCH):
+            chunk = items[i : i + RESEND_BATCH]
             app.send_task(
                 TASK,
-                args=[build_message(job_id, items[i : i + RESEND_BATCH], now)],
+                args=[build_message(job_id, chunk, now)],
+                argsrepr=task_summary(job_id, chunk),
                 queue=queue,
                 producer=producer,
                 retry=True,

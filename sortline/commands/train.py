@@ -264,7 +264,9 @@ _STUDY_DECIDES = (
 def _config_from_study(study: str, **run_options):
     """The run configuration of `train --from-study NAME` (the study's best trial)."""
     from training.tune.runner import run_config_from_study
+    from training.tune.study import quiet_optuna
 
+    quiet_optuna()
     ctx = click.get_current_context()
     given = [
         p for p in _STUDY_DECIDES
@@ -332,6 +334,7 @@ def evaluate(checkpoint, data, runtime, precision, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def predict(images, checkpoint, grid, runtime, precision, as_json) -> None:
     """Classify image files: label and calibrated confidence for each."""
+    from sortline.commands.records import image_record
     from training.fit.evaluate import predict_files
     from training.reports.charts import gallery
     from worker.runtime import served_classifier
@@ -347,14 +350,14 @@ def predict(images, checkpoint, grid, runtime, precision, as_json) -> None:
         if "error" in r:
             failed += 1
             if as_json:
-                click.echo(json.dumps({"file": r["file"], "error": r["error"]}))
+                click.echo(json.dumps(image_record(r["file"], error=r["error"])))
             else:
                 click.echo(f"{r['file']}: error: {r['error']}", err=True)
             continue
         if as_json:
-            keep = ("file", "label", "confidence", "probabilities", "unfamiliarity", "unfamiliar",
+            keep = ("label", "confidence", "probabilities", "unfamiliarity", "unfamiliar",
                     "needs_review")  # fmt: skip
-            click.echo(json.dumps({**{k: r[k] for k in keep}, **served}))
+            click.echo(json.dumps({**image_record(r["file"], **{k: r[k] for k in keep}), **served}))
         else:
             note = " unfamiliar: review" if r["unfamiliar"] else ""
             click.echo(f"{r['file']}: {r['label']} ({r['confidence']:.1%}){note}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sortline.commands.options import arch_option, mode_option, pretrained_option
-from training.tune.study import PRUNERS
+from training.tune.study import PRUNERS, quiet_optuna
 
 
 @click.group(invoke_without_command=True)
@@ -64,6 +64,7 @@ def tune(
     features, and sends the missing trials to the `training` queue, where any number of
     `sortline worker -Q training` processes share them. `sortline tune status NAME` shows it.
     """
+    quiet_optuna()
     if ctx.invoked_subcommand is not None:
         return
     if not name or not data:
@@ -156,3 +157,26 @@ def status(name, plots, as_json) -> None:
     if plots:
         for p in save_plots(study, plots):
             click.echo(f"plot {p}", err=as_json)
+
+
+@tune.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print the studies as JSON.")
+def list_(as_json) -> None:
+    """The studies in the tuning storage: name, metric, trials, best value, start."""
+    import json
+
+    from training.tune.status import list_studies
+
+    studies = list_studies()
+    if as_json:
+        click.echo(json.dumps(studies))
+        return
+    if not studies:
+        click.echo("no studies yet; `sortline tune --study NAME --data DIR ...` creates one")
+        return
+    click.echo(f"{'study':<20} {'metric':<14} {'trials':>6} {'best':>8}  started")
+    for s in studies:
+        best = "-" if s["best"] is None else f"{s['best']:.4f}"
+        click.echo(
+            f"{s['name']:<20} {s['metric']:<14} {s['trials']:>6} {best:>8}  {s['started'] or '-'}"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
@@ -12,7 +13,29 @@ from sortline.names import QUEUES
 from worker import stack
 
 
-@click.command()
+class CeleryPassThrough(click.Command):
+    """A command that hands the options it does not define to `celery worker`, by name checked."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        from celery.bin.worker import worker as celery_worker
+
+        known = {o for p in celery_worker.params for o in (*p.opts, *p.secondary_opts)}
+        for arg in ctx.args:
+            if not arg.startswith("-") or arg == "-":
+                continue  # the value of the option before it
+            name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+            if name not in known:
+                ours = {o for p in self.params for o in p.opts}
+                near = difflib.get_close_matches(arg.split("=", 1)[0], sorted(known | ours), n=1)
+                raise click.NoSuchOption(arg, possibilities=near, ctx=ctx)
+        return rest
+
+
+@click.command(
+    cls=CeleryPassThrough,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
 @click.option(
     "-Q", "--queues", default="cpu", show_default=True, help="cpu, gpu, training (comma-separated)."
 )
@@ -26,10 +49,19 @@ from worker import stack
     "--max-tasks-per-child", type=click.IntRange(1), help="Restart a process after N tasks."
 )
 @click.option("-l", "--loglevel", default="INFO", show_default=True, help="Celery log level.")
+@click.pass_context
 def worker(
-    queues: str, concurrency: int | None, max_tasks_per_child: int | None, loglevel: str
+    ctx: click.Context,
+    queues: str,
+    concurrency: int | None,
+    max_tasks_per_child: int | None,
+    loglevel: str,
 ) -> None:
-    """Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`)."""
+    """Run a Celery worker on QUEUES (same as `celery -A worker.app worker -Q ...`).
+
+    Any other `celery worker` option is passed on as it is, e.g. `-P threads -c 8` (one
+    process, eight task threads), `-n NAME@%h` or `--autoscale 8,2`.
+    """
     bad = [q for q in queues.split(",") if q not in QUEUES]
     if bad:
         raise click.BadParameter(f"unknown queue {bad[0]!r}; use cpu, gpu or training")
@@ -40,7 +72,7 @@ def worker(
     extra = ["-l", loglevel]
     if max_tasks_per_child:
         extra.append(f"--max-tasks-per-child={max_tasks_per_child}")
-    argv = stack.worker_argv(queues, concurrency, extra)
+    argv = stack.worker_argv(queues, concurrency, [*extra, *ctx.args])
     sys.stdout.flush()
     os.execv(argv[0], argv)
 

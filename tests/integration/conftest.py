@@ -48,6 +48,9 @@ def db_url(request, tmp_path, monkeypatch):
     else:
         url = request.getfixturevalue("pg_url_session")
     monkeypatch.setenv("SORTLINE_DATABASE_URL", url)
+    from db.config import clear_settings
+
+    clear_settings()  # settings read while the fixtures were set up name another database
     return url
 
 

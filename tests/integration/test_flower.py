@@ -65,11 +65,25 @@ def test_flower_lists_worker_and_finished_tasks(flower, make_worker, tmp_path):
 
     def finished():
         tasks = requests.get(f"{flower}/api/tasks", auth=auth, timeout=5).json()
-        done = [
-            t for t in tasks.values()
+        done = {
+            uuid: t for uuid, t in tasks.items()
             if t["name"] == "worker.tasks.inference.classify_batch" and t["state"] == "SUCCESS"
-            and job_id in (t.get("args") or "")
-        ]  # fmt: skip
+            and (t.get("args") or "").startswith(f"job {job_id[:8]}: ")
+        }  # fmt: skip
         return len(done) >= 2 and done
 
-    assert len(wait_until(finished, timeout=30)) == 2
+    done = wait_until(finished, timeout=30)
+    assert len(done) == 2
+    # the task list shows what each task is and what it did, not a raw dict and a bare count
+    shown = sorted((t["args"], t["result"]) for t in done.values())
+    assert shown == [
+        (
+            f"job {job_id[:8]}: 4 images (img0000{a}.jpg, img0000{a + 1}.jpg, img0000{a + 2}.jpg, ...)",
+            "{'rows': 4, 'errors': 0}",
+        )
+        for a in (0, 4)
+    ]
+    uuid = next(iter(done))
+    page = requests.get(f"{flower}/task/{uuid}", auth=auth, timeout=5)
+    assert page.ok and f"job {job_id[:8]}: 4 images" in page.text
+    assert "rows" in page.text and "errors" in page.text

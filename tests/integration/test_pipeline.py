@@ -80,7 +80,7 @@ def test_corrupt_and_missing_become_error_rows(make_worker, tmp_path):
     corrupt.write_bytes(jpeg_bytes(99)[:200])  # truncated JPEG
     missing = tmp_path / "p" / "not-there.jpg"
     make_worker()
-    job_id = submit_paths([*good[:3], corrupt, missing, *good[3:]], batch_size=4)
+    job_id = submit_paths([*good[:3], corrupt, missing, *good[3:]], batch_size=4, worker_paths=True)
     job = wait_for_job(job_id, timeout=60)
     rows = {r.ref: r for r in _rows(job_id)}
     assert (job.done, job.failed) == (6, 2)

@@ -30,7 +30,7 @@ def test_review_export_move_import_changes_the_labels(make_worker, tmp_path):
     job_id = submit_paths(photos)
     wait_for_job(job_id, timeout=60)
     before = _results(job_id)
-    assert all(d["needs_review"] and "corrected_label" not in d for d in before.values())
+    assert all(d["needs_review"] and d["corrected_label"] is None for d in before.values())
 
     exp = tmp_path / "review"
     r = CliRunner().invoke(cli, ["review", "export", job_id[:8], "--out", str(exp)])
@@ -63,7 +63,7 @@ def test_review_export_move_import_changes_the_labels(make_worker, tmp_path):
         if pos in moves:
             assert d["corrected_label"] == moves[pos] and not d["needs_review"]
         elif pos == deleted["position"]:
-            assert "corrected_label" not in d and d["needs_review"]
+            assert d["corrected_label"] is None and d["needs_review"]
         else:
             assert d["corrected_label"] == d["label"] and not d["needs_review"]
     table = CliRunner().invoke(cli, ["results", job_id]).output.splitlines()

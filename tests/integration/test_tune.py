@@ -179,3 +179,53 @@ def test_killed_worker_trial_fails_and_is_retried(pg, data, workers, tmp_path):
     assert len(trials) == 5
     r = CliRunner().invoke(cli, ["tune", "status", "kill"])
     assert f"(retry of #{victim.number})" in r.output
+
+
+def test_readme_dashboard_command_opens_the_study_on_postgresql(pg, tmp_path):
+    """The README's `optuna-dashboard "postgresql+psycopg://...?options=-csearch_path%3Doptuna"`."""
+    pytest.importorskip("optuna_dashboard", reason="pip install optuna-dashboard")
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    from tests.support.servers import free_port
+    from training.tune.status import list_studies
+    from training.tune.storage import make_storage
+    from training.tune.study import OBJECTIVE, quiet_optuna
+
+    quiet_optuna()
+    study = optuna.create_study(study_name="dash", storage=make_storage(), direction="maximize")
+    study.set_metric_names([OBJECTIVE])
+    assert list_studies()[0]["metric"] == OBJECTIVE
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = re.search(r'^optuna-dashboard "(postgresql\+psycopg://[^"]+)"$', readme, re.M).group(1)
+    u = make_url(pg)
+    url = line.replace("user:pass@host:5432", f"{u.username}@{u.host}:{u.port or 5432}").replace(
+        "/sortline?", f"/{u.database}?"
+    )
+    port = free_port()
+    exe = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen(
+        [exe, url, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+
+        def studies():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as r:
+                    return json.load(r)["study_summaries"]
+            except OSError:
+                return None
+
+        found = wait_until(studies, timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [s["study_name"] for s in found] == ["dash"]

@@ -64,3 +64,57 @@ def test_registry_short_help_is_the_commands_own(name):
     """`sortline --help` lists the registry's text without importing commands: keep them equal."""
     cmd = cli.get_command(click.Context(cli), name)
     assert COMMANDS[name][1] == (cmd.help or "").strip().splitlines()[0]
+
+
+def _readme_command_lines() -> list[tuple[int, list[str]]]:
+    """(line number, argv) of every `sortline ...` in the README's shell blocks, comments,
+    pipes, `&&`, `;` and a trailing `&` taken apart (``docker compose run ... sortline``
+    included)."""
+    import re
+    import shlex
+
+    found, shell = [], False
+    for n, line in enumerate(README.splitlines(), 1):
+        fence = re.match(r"^```(\w*)", line)
+        if fence:
+            shell = not shell and fence.group(1) in ("sh", "bash", "console")
+            continue
+        if not shell:
+            continue
+        lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;")
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        segment: list[str] = []
+        for token in [*lexer, ";"]:
+            if token in ("|", "&", "&&", ";", "||"):
+                if "sortline" in segment:
+                    found.append((n, segment[segment.index("sortline") + 1 :]))
+                segment = []
+            else:
+                segment.append(token)
+    return found
+
+
+README_COMMANDS = _readme_command_lines()
+
+
+def test_the_readme_shows_the_streaming_and_tuning_commands():
+    shown = {" ".join(argv[:2]) for _, argv in README_COMMANDS}
+    assert {"worker --queues", "stream", "stream --watch", "results --follow"} <= shown
+    assert {"worker -Q", "tune --study", "tune status", "train --from-study"} <= shown
+    assert {"submit /data/photos", "results latest"} <= shown  # the compose block
+
+
+@pytest.mark.parametrize(
+    "argv", [a for _, a in README_COMMANDS], ids=[f"L{n}" for n, _ in README_COMMANDS]
+)
+def test_every_readme_command_parses_with_the_cli(argv, monkeypatch):
+    """Each command in the README's shell blocks is accepted as written (nothing is run)."""
+    from tests.support.cli import parse_cli
+
+    for _, cmd in _all_commands():  # paths in the examples need not exist on this machine
+        for p in cmd.params:
+            if isinstance(p.type, click.Path):
+                monkeypatch.setattr(p.type, "exists", False)
+    leaf = parse_cli(cli, "sortline", argv)[-1]
+    assert leaf.command.callback is not None

@@ -69,7 +69,38 @@ def test_every_sortline_error_is_handled_by_the_root(error, code):
     assert out.exception is None or isinstance(out.exception, SystemExit)
 
 
-def test_a_mistyped_command_suggests_the_nearest(runner):
-    out = runner.invoke(cli, ["sumbit", "x"])
+@pytest.mark.parametrize(
+    "typo,near",
+    [("sumbit", "submit"), ("stauts", "status"), ("jbos", "jobs"), ("cancle", "cancel")],
+)
+def test_a_mistyped_command_suggests_the_nearest(runner, typo, near):
+    out = runner.invoke(cli, [typo, "x"])
     assert out.exit_code == 2
-    assert "Did you mean 'submit'?" in out.output
+    assert f"No such command '{typo}'. Did you mean '{near}'?" in out.output
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_database_is_one_line_with_the_password_masked(monkeypatch):
+    url = f"postgresql://sortline:hunter2@127.0.0.1:{_closed_port()}/sortline"
+    monkeypatch.setenv("SORTLINE_DATABASE_URL", url)
+    out = CliRunner().invoke(cli, ["jobs"])
+    assert out.exit_code == 1
+    line = _one_line(out)
+    assert "hunter2" not in out.output
+    assert f"cannot use the database {url.replace('hunter2', '***')}" in line
+    assert "SORTLINE_DATABASE_URL" in line
+
+
+def test_a_database_without_tables_says_upgrade(monkeypatch, tmp_path):
+    monkeypatch.setenv("SORTLINE_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    out = CliRunner().invoke(cli, ["status", "latest"])
+    assert out.exit_code == 1
+    line = _one_line(out)
+    assert "has no sortline tables" in line and "`sortline db upgrade`" in line

@@ -14,6 +14,8 @@ import click
 import pytest
 import yaml
 
+from tests.support.cli import parse_cli
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
@@ -104,25 +106,6 @@ def sortline_commands(doc: dict):
         test = (svc.get("healthcheck") or {}).get("test")
         if test and test[0] == "CMD" and test[1] == "sortline":
             yield name, "healthcheck", [str(a) for a in test[1:]]
-
-
-def parse_cli(group: click.Group, prog: str, args: list[str], obj=None) -> list[click.Context]:
-    """Resolve *args* down to the leaf command with click's own parser; raise on any error.
-
-    Every option is parsed and converted (types, ranges, choices, callbacks) by
-    ``make_context``, exactly as a run would, but nothing is invoked.
-    """
-    ctxs = [group.make_context(prog, list(args), obj=obj)]
-    cmd: click.Command = group
-    while isinstance(cmd, click.Group):
-        ctx = ctxs[-1]
-        rest = [*getattr(ctx, "_protected_args", ctx.protected_args), *ctx.args]
-        if not rest:
-            raise click.UsageError(f"`{prog}` needs a command", ctx)
-        name, cmd, rest = cmd.resolve_command(ctx, rest)
-        ctxs.append(cmd.make_context(name, rest, parent=ctx))
-    assert not ctxs[-1].args, f"unexpected arguments {ctxs[-1].args}"
-    return ctxs
 
 
 def test_services():

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from producer.stream import watch_folder
-from producer.submit import NothingToDo, expand_paths
+from producer.submit import MissingPaths, NothingToDo, expand_paths, submit_paths
 from tests.support.fixtures import jpeg_bytes, write_images
 from tests.support.services import wait_until
 
@@ -21,8 +21,11 @@ def test_expand_folders_globs_and_files(tmp_path):
     assert len(expand_paths([tmp_path / "a"], recursive=True)) == 5
     assert len(expand_paths([str(tmp_path / "a" / "*.jpg")])) == 2
     assert len(expand_paths([tmp_path / "a"], pattern="*.txt")) == 1
-    # an explicitly named file is kept even when missing, so the job records an error row
-    assert expand_paths([tmp_path / "gone.jpg"]) == [str(tmp_path / "gone.jpg")]
+    # a missing file is refused here, or kept for the workers to look for (and record)
+    with pytest.raises(MissingPaths, match="1 path\\(s\\) do not exist: .*gone.jpg; check them"):
+        expand_paths([tmp_path / "gone.jpg"])
+    gone = str(tmp_path / "gone.jpg")
+    assert expand_paths([tmp_path / "gone.jpg"], worker_paths=True) == [gone]
     with pytest.raises(NothingToDo, match="no file matches"):
         expand_paths([str(tmp_path / "*.png")])
 
@@ -43,3 +46,10 @@ def test_watch_folder_yields_new_complete_files(tmp_path):
         stop.set()
         t.join()
     assert got == [str(tmp_path / "new.jpg")]
+
+
+def test_a_folder_of_class_folders_without_r_suggests_it(tmp_path):
+    write_images(tmp_path / "data" / "glass", 1)
+    write_images(tmp_path / "data" / "paper", 1)
+    with pytest.raises(NothingToDo, match="has 2 sub-folders \\(glass, paper\\); add -r"):
+        submit_paths([tmp_path / "data"])

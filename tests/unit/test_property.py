@@ -149,13 +149,15 @@ def test_task_entry_point_writes_rows_or_rejects(task_env, data):
         job.done = job.failed = 0
         job.status = "queued"
 
-    n = classify_batch(raw)  # runs the task body in this process, as the worker's pool does
+    result = classify_batch(raw)  # runs the task body in this process, as the worker's pool does
 
+    n = result["rows"]
     assert isinstance(n, int) and n >= 0
     with session_scope() as s:
         rows = s.scalars(select(Result).where(Result.job_id == job_id)).all()
         job = s.get(Job, job_id)
     assert len(rows) == n == job.done + job.failed
+    assert result["errors"] == job.failed
     assert all(r.position < 30 for r in rows)
     assert all((r.status == "ok") == (r.label is not None) for r in rows)
     assert all(r.status == "ok" or r.error for r in rows)

@@ -102,7 +102,8 @@ def test_predict_json_and_grid(trained, tmp_path):
     assert lines[0]["unfamiliarity"] >= 0 and isinstance(lines[0]["unfamiliar"], bool)
     assert lines[0]["needs_review"] == (lines[0]["confidence"] < 0.6 or lines[0]["unfamiliar"])
     assert (lines[0]["runtime"], lines[0]["precision"]) == ("onnx", "fp32")
-    assert "error" in lines[1]
+    assert lines[0]["status"] == "ok" and lines[0]["error"] is None
+    assert lines[1]["status"] == "error" and lines[1]["error"] and lines[1]["label"] is None
     assert grid.exists()
 
 

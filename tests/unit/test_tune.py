@@ -242,3 +242,46 @@ def test_status_command(env, data, tmp_path):
     )
     r = CliRunner().invoke(cli, ["tune", "status", "nosuch"])
     assert r.exit_code == 1 and "no study 'nosuch'" in r.output
+
+
+def test_tune_names_its_metric_lists_studies_and_keeps_optuna_quiet(env, data, tmp_path):
+    """No Optuna log line or warning reaches the CLI's output; `tune list` names the metric."""
+    import os
+    import subprocess
+    import sys
+
+    import redis
+
+    from tests.support.services import REPO
+
+    broker = os.environ["SORTLINE_BROKER_URL"].rsplit("/", 1)[0] + "/9"  # trials sent nowhere
+    run_env = {**os.environ, "SORTLINE_BROKER_URL": broker, "PYTHONWARNINGS": "default"}
+
+    def sortline(*args):
+        out = subprocess.run(
+            [sys.executable, "-m", "sortline.cli", *args],
+            capture_output=True, text=True, cwd=REPO, env=run_env, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out
+
+    try:
+        made = sortline(
+            "tune", "--study", "quiet", "--data", str(data), "--arch", "tiny", "--trials", "2",
+            "--epochs", "1", "--pretrained", "none",
+        )  # fmt: skip
+    finally:
+        redis.from_url(broker).flushdb()
+    listed = sortline("tune", "list")
+    status = sortline("tune", "status", "quiet")
+    for out in (made, listed, status):
+        # no "[I ...] A new study created in RDB", no ExperimentalWarning
+        assert "optuna" not in out.stderr.lower() and "Warning:" not in out.stderr, out.stderr
+    assert "2 sent to the training queue" in made.stdout
+    head, row = listed.stdout.splitlines()
+    assert head.split() == ["study", "metric", "trials", "best", "started"]
+    assert row.split()[:4] == ["quiet", "val_macro_f1", "0", "-"]
+    as_json = json.loads(sortline("tune", "list", "--json").stdout)
+    assert [(s["name"], s["metric"], s["direction"]) for s in as_json] == [
+        ("quiet", "val_macro_f1", "maximize")
+    ]

@@ -63,6 +63,10 @@ def create_or_resume(
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True
     )
+    if study.metric_names is None:  # shown by optuna-dashboard and `sortline tune list`
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])
     old = study.user_attrs.get("config")
     if old is not None:
         fixed = {k: v for k, v in asdict(conf).items() if k not in StudyConfig.MUTABLE}

@@ -129,3 +129,26 @@ def save_plots(study: optuna.Study, out: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out / fname)
     return written
+
+
+def list_studies(url: str | None = None) -> list[dict]:
+    """Every study in the storage: name, metric, trials, best value, when it started."""
+    import optuna
+
+    from training.tune.storage import make_storage
+
+    storage = make_storage(url)
+    out = []
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        out.append(
+            {
+                "name": s.study_name,
+                "metric": (study.metric_names or ["value"])[0],
+                "direction": s.direction.name.lower(),
+                "trials": s.n_trials,
+                "best": None if s.best_trial is None else s.best_trial.value,
+                "started": s.datetime_start.isoformat(" ", "seconds") if s.datetime_start else None,
+            }
+        )
+    return out

@@ -25,6 +25,19 @@ class TuneError(SortlineError, ValueError):
     """A study that cannot be created, resumed or used; the message says why."""
 
 
+def quiet_optuna() -> None:
+    """Optuna's log lines go through ``logging`` (shown with ``-v``), its warnings nowhere."""
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", module=r"optuna(\.|$)")
+
+
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """The named pruner (median by default), scaled to the trials' number of epochs."""
     import optuna

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from sortline.names import CLASSIFY_TASK
 from worker.app import app
-from worker.classify import classify_message, record_error_rows
+from worker.classify import Written, classify_message, record_error_rows
 from worker.config import get_worker_settings
 from worker.inputs import MessageError, parse_message, salvage
 
@@ -90,7 +90,7 @@ def forget_deliveries(task_id: str | None) -> None:
     acks_on_timeout=False,  # over the hard time limit: requeued, and counted as a crash below
     max_retries=None,  # bounded below by SORTLINE_TASK_MAX_RETRIES
 )
-def classify_batch(self, message: dict) -> int:
+def classify_batch(self, message: dict) -> dict:
     """Classify the images of one message and write one row per image (idempotent)."""
     worker = self.request.hostname
     task_id = self.request.id
@@ -110,11 +110,11 @@ def classify_batch(self, message: dict) -> int:
         )
         return _give_up(self, msg, reason, worker=worker)
     try:
-        n = classify_message(msg, worker=worker)
+        written = classify_message(msg, worker=worker)
     except MessageError as e:
         log.error("rejected message for job %s: %s", msg.job_id, e)
         forget_deliveries(task_id)
-        return 0
+        return Written(0, note=f"rejected: {e}").as_result()
     except DBAPIError as e:
         if database_unavailable(e):
             raise _keep(self, msg.job_id, e) from None
@@ -140,11 +140,11 @@ def classify_batch(self, message: dict) -> int:
         reason = f"failed after {limit} retries: {type(e).__name__}: {e}"
     else:
         forget_deliveries(task_id)
-        return n
+        return written.as_result()
     return _give_up(self, msg, reason, worker=worker)
 
 
-def _give_up(task, msg, reason: str, *, worker: str | None) -> int:
+def _give_up(task, msg, reason: str, *, worker: str | None) -> dict:
     """Record *reason* as the error row of every image of *msg* that has none yet."""
     log.error("job %s: recording %d error rows: %s", msg.job_id, len(msg.items), reason)
     try:
@@ -157,21 +157,22 @@ def _give_up(task, msg, reason: str, *, worker: str | None) -> int:
         log.error("job %s: cannot record error rows: %s", msg.job_id, _first_line(e))
         n = 0
     forget_deliveries(task.request.id)
-    return n
+    return Written(n, n, note=reason[:200]).as_result()
 
 
-def _reject(task, message, reason: str, *, worker: str | None) -> int:
+def _reject(task, message, reason: str, *, worker: str | None) -> dict:
     """A message that cannot be parsed: error rows for the images it names, if any."""
     found = salvage(message)
     if found is None:
         log.error("rejected message (no job and positions to record it under): %s", reason)
-        return 0
+        return Written(0, note=f"rejected: {reason[:200]}").as_result()
     job_id, items = found
     log.error("rejected message for job %s: %s", job_id[:64], reason)
     try:
-        return record_error_rows(job_id, items, f"rejected message: {reason}", worker=worker)
+        n = record_error_rows(job_id, items, f"rejected message: {reason}", worker=worker)
     except DBAPIError as e:
         if database_unavailable(e):
             raise _keep(task, job_id, e) from None
         log.error("cannot record the rejected message: %s", _first_line(e))
-        return 0
+        return Written(0, note=f"rejected: {reason[:200]}").as_result()
+    return Written(n, n, note=f"rejected: {reason[:200]}").as_result()
