@@ -158,7 +158,7 @@ def claim_stalled(session: Session, *, job_id: str, quiet_for: float) -> Job | N
     """Take a stalled job for reconciling (once, among any number of callers): its progress
     clock restarts and its re-send count goes up. None if it is not stalled (any more)."""
     before = utcnow() - timedelta(seconds=quiet_for)
-    claimed = session.execute(
+    claimed = session.execute(  # type: ignore[attr-defined]  # an UPDATE's result has rowcount
         update(Job)
         .where(Job.id == job_id, *_quiet_since(before))
         .values(progress_at=utcnow(), resends=Job.resends + 1)
@@ -321,8 +321,11 @@ def job_classes(session: Session, *, job_id: str) -> list[str] | None:
 
 def review_count(session: Session, *, job_id: str) -> int:
     """How many of a job's results are marked needs_review."""
-    return session.scalar(
-        select(func.count()).where(Result.job_id == job_id, Result.needs_review.is_(True))
+    return (
+        session.scalar(
+            select(func.count()).where(Result.job_id == job_id, Result.needs_review.is_(True))
+        )
+        or 0
     )
 
 
@@ -405,7 +408,7 @@ def activate_model(
                 "(SORTLINE_PROMOTION_FLOOR); --force to activate it anyway"
             )
         best = val_score(current) if current is not None else None
-        if best is not None and score < best:
+        if current is not None and best is not None and score < best:
             raise PromotionRefused(
                 f"{ref} has val {PROMOTION_METRIC} {score:.3f}, below the active "
                 f"{current.name}:{current.version}'s {best:.3f}; --force to activate it anyway "
@@ -448,7 +451,7 @@ def set_corrected_labels(session: Session, *, job_id: str, labels: dict[int, str
     """
     n = 0
     for position, label in labels.items():
-        n += session.execute(
+        n += session.execute(  # type: ignore[attr-defined]  # an UPDATE's result has rowcount
             update(Result)
             .where(Result.job_id == job_id, Result.position == position, Result.status == "ok")
             .values(corrected_label=label, needs_review=False, updated_at=utcnow())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from typing import TypeGuard
 
 # C0 and C1 controls, DEL, and the Unicode marks that reorder or hide text (bidi overrides and
 # isolates, zero-width characters, line and paragraph separators, the byte order mark)
@@ -45,7 +46,7 @@ def csv_cell(value: object) -> object:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def is_job_id(value: object, *, prefix: bool = False) -> bool:
+def is_job_id(value: object, *, prefix: bool = False) -> TypeGuard[str]:
     """Whether *value* is a job id (32 lower-case hex digits), or with *prefix* the start of one."""
     if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
         return False

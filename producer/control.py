@@ -47,7 +47,7 @@ def drop_queued(job_id: str, queue: str) -> tuple[int, list[str]]:
         for key in {channel._q_for_pri(queue, p) for p in channel.priority_steps}:
             for raw in client.lrange(key, 0, -1):
                 job, task_id = _job_of(raw)
-                if job == job_id:
+                if job == job_id and task_id:
                     dropped += client.lrem(key, 0, raw)
                     task_ids.append(task_id)
         for raw in client.hvals(channel.unacked_key):
@@ -55,7 +55,7 @@ def drop_queued(job_id: str, queue: str) -> tuple[int, list[str]]:
                 job, task_id = _job_of(json.dumps(json.loads(raw)[0]))
             except (ValueError, IndexError, TypeError):
                 continue
-            if job == job_id:
+            if job == job_id and task_id:
                 task_ids.append(task_id)
     return dropped, task_ids
 

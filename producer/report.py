@@ -9,6 +9,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 
@@ -48,16 +49,16 @@ def collect(job_id: str, *, url: str | None = None) -> dict:
     """Everything the report shows, as plain data (also written as report.json)."""
     with session_scope(url) as session:
         job = get_job(session, job_id=job_id)
-        rows = list_results(session, job_id=job.id)
+        results = list_results(session, job_id=job.id)
         counts = label_counts(session, job_id=job.id)
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "position": r.position, "ref": r.ref, "status": r.status, "label": r.label,
                 "confidence": r.confidence, "probs": r.probs, "error": r.error,
                 "needs_review": r.needs_review, "corrected_label": r.corrected_label,
                 "unfamiliar": bool(r.unfamiliar),
             }
-            for r in rows
+            for r in results
         ]  # fmt: skip
         info = {
             "job_id": job.id, "status": job.status, "kind": job.kind, "source": job.source,

@@ -58,9 +58,9 @@ def export_review(
         )
     with session_scope(url) as session:
         job = get_job(session, job_id=job_id)
-        rows = review_results(session, job_id=job.id, max_confidence=threshold)
+        results = review_results(session, job_id=job.id, max_confidence=threshold)
         classes = _classes(session, job.id)
-        rows = [(r.position, r.ref, r.label, r.confidence, r.sha256) for r in rows]
+        rows = [(r.position, r.ref, r.label or "", r.confidence, r.sha256) for r in results]
         job_id = job.id
     for label in {r[2] for r in rows} - set(classes):
         classes.append(label)

@@ -41,13 +41,13 @@ class StreamJob:
     def send(self, path: str | os.PathLike) -> int:
         """Add one image file to the job; return its position."""
         submitted = time.time()
-        item = {"path": os.path.abspath(path), "t": submitted}
         with session_scope() as session:
-            item["pos"] = grow_job(session, job_id=self.job_id, by=1)
+            pos = grow_job(session, job_id=self.job_id, by=1)
+            item = {"path": os.path.abspath(path), "t": submitted, "pos": pos}
             record_items(session, job_id=self.job_id, items=[item])
         send_items(self.job_id, [item], queue=self.queue, batch_size=1, producer=self._producer)
         self.sent += 1
-        return item["pos"]
+        return pos
 
     def close(self) -> None:
         with session_scope() as session:

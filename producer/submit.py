@@ -122,7 +122,7 @@ def expand_paths(
             out.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
         elif os.path.isdir(p):
             walker = os.walk(p) if recursive else [next(os.walk(p))]
-            found = []
+            found: list[str] = []
             for root, dirs, files in walker:
                 dirs.sort()
                 found.extend(os.path.join(root, f) for f in sorted(files) if _wanted(f, pattern))
@@ -149,7 +149,7 @@ def no_images_message(paths: Sequence[str | os.PathLike], recursive: bool) -> st
         return msg
     for p in paths:
         if os.path.isdir(p):
-            subs = sorted(e.name for e in os.scandir(p) if e.is_dir())
+            subs = sorted(str(e.name) for e in os.scandir(os.fspath(p)) if e.is_dir())
             if subs:
                 names = ", ".join(subs[:6]) + (", ..." if len(subs) > 6 else "")
                 return f"{msg}: {p} has {len(subs)} sub-folders ({names}); add -r to include them"

@@ -119,7 +119,7 @@ def parse_message(raw: Any) -> Message:
         if isinstance(path, str):
             out.append(Item(pos=pos, ref=display_ref(path), path=path, submitted_at=item_sub))
         elif isinstance(data, str):
-            key = it.get("key") if isinstance(it.get("key"), str) else f"bytes:{pos}"
+            key = it["key"] if isinstance(it.get("key"), str) else f"bytes:{pos}"
             out.append(
                 Item(pos=pos, ref=display_ref(key[:1000]), data_b64=data, submitted_at=item_sub)
             )

@@ -109,7 +109,7 @@ class TorchBackend:
             torch.set_num_threads(torch_threads())
             model = model.to(memory_format=torch.channels_last)
         else:
-            model = model.half().to(self.device, memory_format=torch.channels_last)
+            model = model.half().to(self.device).to(memory_format=torch.channels_last)
         self.model = model.eval()
         self.precision = "fp32" if self.device.type == "cpu" else "fp16"
 
@@ -213,6 +213,7 @@ class Classifier:
         device = resolve_device(device)
         if runtime == "auto":
             runtime = "torch" if device == "cuda" else "onnx"
+        self.backend: OnnxBackend | TorchBackend
         if runtime == "onnx":
             precision = resolve_precision(self.path, precision)
             self.backend = OnnxBackend(self.path, expected_sha256, precision)
@@ -334,7 +335,8 @@ class MicroBatcher:
                     self._cv.wait(
                         timeout=max(0.0005, self._pending[0][2] + self.max_wait - time.monotonic())
                     )
-                take, n = [], 0
+                take: list[tuple[np.ndarray, Future, float]] = []
+                n = 0
                 while self._pending and (
                     not take or n + len(self._pending[0][0]) <= self.max_batch
                 ):

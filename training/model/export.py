@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "int8")
 # name -> (ONNX Runtime's calibration method, its options)
-CALIBRATION_METHODS = {
+CALIBRATION_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "minmax": ("MinMax", {}),
     "minmax-average": ("MinMax", {"CalibMovingAverage": True}),  # moving average of batch ranges
     "percentile": ("Percentile", {"CalibPercentile": 99.999}),
@@ -226,7 +227,7 @@ def quantize_onnx(
     out = Path(out)
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
-    stride = None
+    stride: int | None = None
     if arrays is not None:
         stride = next(s for s in (50, 30, 20, 10, 5, 2, 1) if len(arrays) % s == 0)
     try:
@@ -310,6 +311,7 @@ def _build_int8(checkpoint: Path, fp32: Path, out: Path) -> None:
     info = read_calibration(checkpoint)
     if info is None:
         resolve_precision(checkpoint, "int8")  # raises, naming the missing file
+        raise ExportError(f"{checkpoint} has no int8 calibration")
     tmp = out.with_suffix(".tmp.onnx")
     quantize_onnx(fp32, tmp, calibration=calibration_path(checkpoint), method=info["method"])
     arrays = check_arrays(checkpoint)

@@ -21,8 +21,9 @@ class ScoredModel(torch.nn.Module):
         from training.model.factory import forward_features, head_module
 
         f = forward_features(self.model, x)
-        z = f.float() @ self.whiten
-        d = (z * z).sum(1, keepdim=True) - 2 * z @ self.means.T + (self.means**2).sum(1)
+        whiten, means = self.get_buffer("whiten"), self.get_buffer("means")
+        z = f.float() @ whiten
+        d = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means**2).sum(1)
         return head_module(self.model)(f), d.min(1).values
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
@@ -30,7 +31,7 @@ def _broker_redis() -> redis.Redis | None:
     if _redis is not None and _redis[0] == os.getpid():
         return _redis[1]
     url = get_worker_settings().broker_url
-    opts = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    opts: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
     client = None
     if url.startswith("redis+socket://"):
         client = redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"), **opts)
