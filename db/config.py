@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
-from functools import lru_cache
 from typing import TypeVar
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,15 +41,36 @@ S = TypeVar("S", bound="SortlineSettings")
 _GETTERS: list = []
 
 
+def _environment() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SORTLINE_")))
+
+
 def settings_getter(fn: Callable[[], S]) -> Callable[[], S]:
-    """The one caching rule of settings: read once per process, again after a clear."""
-    cached = lru_cache(maxsize=1)(fn)
-    _GETTERS.append(cached)
-    return cached
+    """The one caching rule of settings: read once per process and ``SORTLINE_*`` environment.
+
+    The object is read again only when a ``SORTLINE_*`` variable changes (a test, a command
+    that sets one for its child), never per call; :func:`clear_settings` forgets them all
+    (after ``.env`` changed).
+    """
+    cache: dict[tuple, S] = {}
+
+    def get() -> S:
+        key = _environment()
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= 8:
+                cache.clear()
+            found = cache[key] = fn()
+        return found
+
+    get.cache_clear = cache.clear  # type: ignore[attr-defined]
+    get.__doc__, get.__name__ = fn.__doc__, fn.__name__
+    _GETTERS.append(get)
+    return get
 
 
 def clear_settings() -> None:
-    """Forget every cached settings object (tests that change the environment)."""
+    """Forget every cached settings object."""
     for getter in _GETTERS:
         getter.cache_clear()
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatch
 
+import redis
+
 from db.engine import session_scope
 from db.migrate import ensure_schema
 from db.service import FINAL, create_job, end_job, get_job, record_items
@@ -41,9 +43,17 @@ def _room_check(queue: str, limit: int, *, client) -> Callable[[int], None]:
     """A function that blocks until *queue* has room for *n* more images under *limit*."""
     warned = False
 
+    def depth() -> int:
+        try:
+            return queued_images(queue, client=client)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+            # the broker is away for a moment: the send that follows retries until it is back
+            log.warning("cannot count queue %s (%s); sending without waiting for room", queue, e)
+            return 0
+
     def wait(n: int) -> None:
         nonlocal warned
-        while (queued := queued_images(queue, client=client)) + n > limit and queued > 0:
+        while (queued := depth()) + n > limit and queued > 0:
             if not warned:
                 log.warning("queue %s holds %d images (SORTLINE_MAX_QUEUED=%d); waiting for "
                             "the workers to take some", queue, queued, limit)  # fmt: skip
