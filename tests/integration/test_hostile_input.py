@@ -16,11 +16,12 @@ from kombu import Connection, Exchange, Producer
 
 from db.engine import reset_engines, session_scope
 from db.migrate import upgrade
-from db.service import create_job, list_results
+from db.service import create_job
 from producer.submit import TASK, send_items, submit_bytes, wait_for_job
 from tests.support import hostile
 from tests.support.fixtures import CLASSES, jpeg_bytes, write_images
-from tests.support.servers import RedisServer, private_broker, use_broker
+from tests.support.own_broker import broker, make_worker, prometheus_samples, rows_by_position  # noqa: F401  (fixtures)
+from tests.support.servers import RedisServer, use_broker
 from tests.support.services import CeleryWorker, create_pg_database, drop_pg_database, wait_until
 from worker.inputs import build_message
 
@@ -29,28 +30,6 @@ pytestmark = pytest.mark.integration
 MAX_BYTES = 100_000
 # where the database makes no difference, or PostgreSQL is the stricter one (text encoding)
 PG_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-
-
-@pytest.fixture
-def broker(tmp_path, monkeypatch):
-    """A redis-server of this test's own: no worker of another test run takes its messages."""
-    with private_broker(tmp_path / "redis", monkeypatch) as server:
-        yield server
-
-
-@pytest.fixture
-def make_worker(broker, make_worker):
-    """The integration ``make_worker``, its workers on this test's own broker."""
-
-    def start(*, env=None, **kw):
-        return make_worker(env={"SORTLINE_BROKER_URL": broker.url, **(env or {})}, **kw)
-
-    return start
-
-
-def _rows(job_id: str) -> dict[int, object]:
-    with session_scope() as s:
-        return {r.position: r for r in list_results(s, job_id=job_id)}
 
 
 def _make_files(tmp_path):
@@ -109,7 +88,7 @@ def test_every_hostile_file_gets_a_row(make_worker, tmp_path):
         app.send_task(TASK, args=[body], queue="cpu")
 
     job = wait_for_job(job_id, timeout=120)
-    rows = _rows(job_id)
+    rows = rows_by_position(job_id)
     assert sorted(rows) == list(range(n_files + rejected))
     expected_ok = sum(ok for _, ok, _ in cases)
     assert (job.done, job.failed) == (expected_ok, n_files + rejected - expected_ok)
@@ -140,7 +119,7 @@ def test_hostile_bytes_get_rows(make_worker):
     images.append(("big", jpeg_bytes(5) + b"\0" * MAX_BYTES))
     job_id = submit_bytes(images, batch_size=5)
     job = wait_for_job(job_id, timeout=120)
-    rows = _rows(job_id)
+    rows = rows_by_position(job_id)
     assert job.finished == len(images) == len(rows)
     for pos, c in enumerate(hostile.FILE_CASES):
         r = rows[pos]
@@ -254,7 +233,7 @@ def test_tampered_model_is_refused_by_the_worker(make_worker, tiny_model, db_url
     make_worker(env={"SORTLINE_MODEL": str(path), "SORTLINE_TASK_MAX_RETRIES": "0"})
     job_id = submit_bytes([jpeg_bytes(i) for i in range(3)], batch_size=3)
     job = wait_for_job(job_id, timeout=60)
-    rows = _rows(job_id)
+    rows = rows_by_position(job_id)
     assert (job.done, job.failed) == (0, 3)
     assert all("sha256" in r.error and "registry" in r.error for r in rows.values())
 
@@ -297,8 +276,8 @@ def test_fuzzed_messages_to_a_real_worker(make_worker, tmp_path):
     wait_for_job(last, timeout=120)
     with app.connection() as conn:
         wait_until(lambda: conn.default_channel.client.llen("cpu") == 0, timeout=60)
-    wait_until(lambda: set(_rows(job_id)) == expected, timeout=60)
-    rows = _rows(job_id)
+    wait_until(lambda: set(rows_by_position(job_id)) == expected, timeout=60)
+    rows = rows_by_position(job_id)
     with session_scope() as s:
         from db.service import get_job
 
@@ -326,7 +305,7 @@ def test_non_utf8_names_through_the_producer(make_worker, tmp_path):
     for job_id, n in ((one, 1), (both, 2)):
         job = wait_for_job(job_id, timeout=60)
         assert (job.done, job.failed) == (n, 0)
-        assert all("\\x" in r.ref for r in _rows(job_id).values())
+        assert all("\\x" in r.ref for r in rows_by_position(job_id).values())
     with session_scope() as s:
         from db.service import get_job
 

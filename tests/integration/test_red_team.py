@@ -15,11 +15,12 @@ import pytest
 import requests
 
 from db.engine import session_scope
-from db.service import get_job, list_results
+from db.service import get_job
 from producer.submit import submit_bytes, submit_paths, wait_for_job
 from tests.support.fixtures import jpeg_bytes, write_images
 from tests.support.hostile import RAW_MESSAGES
-from tests.support.servers import free_port, private_broker
+from tests.support.own_broker import broker, make_worker, prometheus_samples, rows_by_position  # noqa: F401  (fixtures)
+from tests.support.servers import free_port
 from tests.support.services import wait_until
 
 pytestmark = pytest.mark.integration
@@ -27,30 +28,8 @@ pytestmark = pytest.mark.integration
 PG_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
-@pytest.fixture
-def broker(tmp_path, monkeypatch):
-    """A redis-server of this test's own: no worker of another test run takes its messages."""
-    with private_broker(tmp_path / "redis", monkeypatch) as server:
-        yield server
-
-
-@pytest.fixture
-def make_worker(broker, make_worker):
-    """The integration ``make_worker``, its workers on this test's own broker."""
-
-    def start(*, env=None, **kw):
-        return make_worker(env={"SORTLINE_BROKER_URL": broker.url, **(env or {})}, **kw)
-
-    return start
-
-
-def _rows(job_id: str) -> dict[int, object]:
-    with session_scope() as s:
-        return {r.position: r for r in list_results(s, job_id=job_id)}
-
-
 def _assert_each_position_once(job_id: str, n: int) -> dict[int, object]:
-    rows = _rows(job_id)
+    rows = rows_by_position(job_id)
     with session_scope() as s:
         job = get_job(s, job_id=job_id)
     assert sorted(rows) == list(range(n))
@@ -60,12 +39,7 @@ def _assert_each_position_once(job_id: str, n: int) -> dict[int, object]:
 
 def _metric(port: int, name: str) -> dict[str, float]:
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
+    return prometheus_samples(text, name)
 
 
 # ------------------------------------------------------------------ 1. raw queue entries
@@ -93,7 +67,7 @@ def test_malformed_raw_messages_mid_job_never_stop_the_worker(make_worker, broke
                     pushed[q] += 1
             time.sleep(0.2)
 
-    wait_until(lambda: len(_rows(job_id)) >= 4, timeout=60, interval=0.05)  # mid-job
+    wait_until(lambda: len(rows_by_position(job_id)) >= 4, timeout=60, interval=0.05)  # mid-job
     sender = threading.Thread(target=push)
     sender.start()
     sender.join(60)
@@ -148,7 +122,7 @@ def test_read_only_database_for_seconds_keeps_every_message(make_worker, tmp_pat
             env={"SORTLINE_DATABASE_URL": url, "SORTLINE_TASK_MAX_RETRIES": "1"},
         )
         job_id = submit_paths(write_images(tmp_path / "p", n), batch_size=4)
-        wait_until(lambda: len(_rows(job_id)) >= 8, timeout=60, interval=0.05)
+        wait_until(lambda: len(rows_by_position(job_id)) >= 8, timeout=60, interval=0.05)
 
         def read_only(on: bool) -> None:
             with psycopg.connect(pg.admin_url, autocommit=True) as conn:
@@ -188,7 +162,7 @@ def test_database_black_hole_is_detected_in_seconds(make_worker, db_url, tmp_pat
             },
         )
         job_id = submit_paths(write_images(tmp_path / "p", n), batch_size=4)
-        wait_until(lambda: len(_rows(job_id)) >= 8, timeout=60, interval=0.05)
+        wait_until(lambda: len(rows_by_position(job_id)) >= 8, timeout=60, interval=0.05)
         proxy.hole()
         holed = time.time()
         time.sleep(8)
@@ -222,7 +196,7 @@ def test_worker_paused_past_its_time_limits_gives_no_error_rows(make_worker, tmp
     n, limit = 64, 30
     w = make_worker(concurrency=2, env={"SORTLINE_TASK_TIME_LIMIT": str(limit)})
     job_id = submit_paths(write_images(tmp_path / "p", n), batch_size=8)
-    wait_until(lambda: len(_rows(job_id)) >= 8, timeout=60, interval=0.02)
+    wait_until(lambda: len(rows_by_position(job_id)) >= 8, timeout=60, interval=0.02)
     os.killpg(w.proc.pid, signal.SIGSTOP)
     time.sleep(limit + 4)
     os.killpg(w.proc.pid, signal.SIGCONT)
@@ -260,10 +234,10 @@ def test_job_survives_a_non_persistent_redis_restarted_mid_job(make_worker, tmp_
         w = make_worker(concurrency=2, env=env)
         n = 300
         job_id = submit_paths(write_images(tmp_path / "p", n), batch_size=4)
-        wait_until(lambda: len(_rows(job_id)) >= 16, timeout=60, interval=0.02)
+        wait_until(lambda: len(rows_by_position(job_id)) >= 16, timeout=60, interval=0.02)
         server.stop(signal.SIGKILL)
         server.start()  # empty: the queue and the unacknowledged messages are gone
-        at_restart = len(_rows(job_id))
+        at_restart = len(rows_by_position(job_id))
         assert at_restart < n - 40, "the job finished before Redis restarted; use more images"
         wait_for_job(job_id, timeout=120)
         rows = _assert_each_position_once(job_id, n)

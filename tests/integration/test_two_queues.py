@@ -22,6 +22,7 @@ from db.engine import session_scope
 from db.service import list_results
 from producer.submit import submit_paths, wait_for_job
 from tests.support.fixtures import write_images
+from tests.support.own_broker import prometheus_samples
 from tests.support.servers import RedisServer, free_port, private_broker
 from tests.support.services import REPO, CeleryWorker, wait_until
 from tests.unit.test_compose import argv_of, compose
@@ -92,15 +93,6 @@ def _ping(broker: RedisServer, queue: str) -> dict:
     return json.loads(raw)
 
 
-def _samples(text: str, name: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
-
-
 def test_cpu_and_training_workers_serve_their_queues(stack, broker, tmp_path):
     start, data = stack
     port = free_port()
@@ -145,21 +137,24 @@ def test_cpu_and_training_workers_serve_their_queues(stack, broker, tmp_path):
     # the cpu worker's own Prometheus counters, summed over its two pool processes
     def scrape():
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        images = _samples(text, "sortline_images_classified_total{")
+        images = prometheus_samples(text, "sortline_images_classified_total{")
         return text if sum(images.values()) == 24 else None
 
     text = wait_until(scrape, timeout=30)
-    images = _samples(text, "sortline_images_classified_total{")
+    images = prometheus_samples(text, "sortline_images_classified_total{")
     assert all('status="ok"' in k for k in images)
-    assert _samples(text, "sortline_batch_size_count")["sortline_batch_size_count"] == 6
-    assert _samples(text, "sortline_batch_size_sum")["sortline_batch_size_sum"] == 24
-    assert _samples(text, "sortline_latency_seconds_count")["sortline_latency_seconds_count"] == 24
+    assert prometheus_samples(text, "sortline_batch_size_count")["sortline_batch_size_count"] == 6
+    assert prometheus_samples(text, "sortline_batch_size_sum")["sortline_batch_size_sum"] == 24
+    assert (
+        prometheus_samples(text, "sortline_latency_seconds_count")["sortline_latency_seconds_count"]
+        == 24
+    )
     pids = set(os.listdir(tmp_path / "metrics-worker-cpu"))
     assert len(pids) >= 2, pids  # both pool processes recorded (one file each)
 
     # the training worker has its own exporter, and classified nothing
     text = requests.get(f"http://127.0.0.1:{training_port}/metrics", timeout=5).text
-    assert not _samples(text, "sortline_images_classified_total{")
+    assert not prometheus_samples(text, "sortline_images_classified_total{")
 
 
 def test_sortline_up_mirrors_the_compose_stack(tiny_model, tmp_path):
