@@ -400,8 +400,9 @@ def activate_model(
     if not force and rec is not current:
         score = val_score(rec)
         if score is None:
-            raise PromotionRefused(f"{ref} has no recorded val {PROMOTION_METRIC}; --force to "
-                                   "activate it anyway")  # fmt: skip
+            raise PromotionRefused(
+                f"{ref} has no recorded val {PROMOTION_METRIC}; --force to activate it anyway"
+            )
         if score < floor:
             raise PromotionRefused(
                 f"{ref} has val {PROMOTION_METRIC} {score:.3f}, below the floor {floor:.3f} "

@@ -86,8 +86,11 @@ def reconcile_job(job_id: str, *, worker: str | None = None) -> int:
             _resend(job_id, paths, queue=queue)
             log.warning(
                 "job %s: no new row for %gs; re-sent %d missing positions (attempt %d)",
-                job_id, s.reconcile_after, len(paths), attempt,
-            )  # fmt: skip
+                job_id,
+                s.reconcile_after,
+                len(paths),
+                attempt,
+            )
         except Exception as e:  # the broker: try again next round, error rows at the last
             log.error("job %s: re-sending %d positions failed: %s", job_id, len(paths), e)
             if attempt >= s.reconcile_max_resends:

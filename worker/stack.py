@@ -87,9 +87,18 @@ def start_redis(url: str) -> Started:
         raise StackError(f"the broker {u.hostname} does not answer and is not local; start it")
     port = u.port or 6379
     argv = [
-        redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--dir", str(home()),
-    ]  # fmt: skip
+        redis_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(home()),
+    ]
     if u.password:
         argv += ["--requirepass", u.password]
     started = _spawn("redis", argv)

@@ -30,17 +30,22 @@ def eda(data_dir: Path, out: Path, quiet: bool) -> None:
         s = run_eda(data_dir, out)
     else:
         with Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=Console(stderr=True),
-        ) as bar:  # fmt: skip
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        ) as bar:
             task = bar.add_task("analysing", total=None)
             s = run_eda(
                 data_dir, out, on_progress=lambda n, t: bar.update(task, completed=n, total=t)
             )
     counts = ", ".join(f"{c} {n}" for c, n in s["class_counts"].items())
     ex, nd = s["exact_duplicates"], s["near_duplicates"]
-    click.echo(f"{s['n_images']} images in {len(s['classes'])} classes ({counts}); "
-               f"imbalance ratio {s['imbalance_ratio']}")  # fmt: skip
+    click.echo(
+        f"{s['n_images']} images in {len(s['classes'])} classes ({counts}); "
+        f"imbalance ratio {s['imbalance_ratio']}"
+    )
     click.echo(f"unreadable files: {len(s['integrity']['unreadable'])}")
     click.echo(f"exact duplicates: {ex['groups']} sets, {ex['cross_class']} across classes")
     click.echo(f"near-duplicate groups: {nd['groups']} ({nd['cross_class']} across classes)")

@@ -44,9 +44,17 @@ from sortline.names import INFERENCE_QUEUES
 # a result row's fields beside the shared image record (sortline.commands.records)
 JOB_FIELDS = ("position", "corrected_label", "model_version", "worker", "processing_ms", "sha256")
 CSV_FIELDS = (
-    "position", "ref", "status", "label", "confidence", "error", "needs_review", "unfamiliarity",
-    "unfamiliar", *JOB_FIELDS[1:],
-)  # fmt: skip
+    "position",
+    "ref",
+    "status",
+    "label",
+    "confidence",
+    "error",
+    "needs_review",
+    "unfamiliarity",
+    "unfamiliar",
+    *JOB_FIELDS[1:],
+)
 
 
 def _elapsed(job) -> float:
@@ -180,9 +188,15 @@ def _wait_with_progress(
 
         return wait_for_job(job_id, timeout=timeout, on_progress=quietly)
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        _RateColumn(), TimeElapsedColumn(), "ETA", TimeRemainingColumn(), console=console,
-    ) as bar:  # fmt: skip
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task(f"job {job_id[:8]}", total=None)
         watch = _WorkerWatch(queue, bar.console.print)
 
@@ -240,9 +254,12 @@ def _print_summary(job_id: str, as_json: bool, *, with_queue: bool = False):
     "--bytes", "as_bytes", is_flag=True, help="Send image bytes, not paths ('-' = stdin)."
 )
 @click.option(
-    "--when-full", type=click.Choice(WHEN_FULL), default="wait", show_default=True,
+    "--when-full",
+    type=click.Choice(WHEN_FULL),
+    default="wait",
+    show_default=True,
     help="When the queue holds SORTLINE_MAX_QUEUED images: wait for room, or refuse the job.",
-)  # fmt: skip
+)
 @click.option(
     "--worker-paths",
     is_flag=True,
@@ -290,10 +307,14 @@ def submit(
         )
     else:
         job_id = submit_paths(
-            paths, recursive=recursive, pattern=pattern, queue=queue, batch_size=batch_size,
+            paths,
+            recursive=recursive,
+            pattern=pattern,
+            queue=queue,
+            batch_size=batch_size,
             when_full=when_full,
             worker_paths=worker_paths,
-        )  # fmt: skip
+        )
     if wait:
         with _Interrupts() as interrupts, interrupts.guarded():
             try:
@@ -353,10 +374,16 @@ def jobs(limit: int) -> None:
 
 def _result_dict(r) -> dict:
     return image_record(
-        r.ref, label=r.label, confidence=r.confidence, probabilities=r.probs,
-        unfamiliarity=r.unfamiliarity, unfamiliar=r.unfamiliar, needs_review=r.needs_review,
-        error=r.error, **{f: getattr(r, f) for f in JOB_FIELDS},
-    )  # fmt: skip
+        r.ref,
+        label=r.label,
+        confidence=r.confidence,
+        probabilities=r.probs,
+        unfamiliarity=r.unfamiliarity,
+        unfamiliar=r.unfamiliar,
+        needs_review=r.needs_review,
+        error=r.error,
+        **{f: getattr(r, f) for f in JOB_FIELDS},
+    )
 
 
 def _note(d: dict) -> str:
@@ -419,11 +446,14 @@ def _check_label(label: str, classes: list[str] | None) -> None:
     "--follow", is_flag=True, help="Keep printing rows as they are written until the job is done."
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
     show_default=True,
     help="table (needs-review and corrected rows marked), csv (p_<class> columns), json (one "
     "object per line, as `sortline predict --json`).",
-)  # fmt: skip
+)
 def results(
     job, label, min_confidence, max_confidence, errors, needs_review, limit, follow, fmt
 ) -> None:

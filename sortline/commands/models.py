@@ -43,11 +43,21 @@ def models(ctx: click.Context, as_json: bool) -> None:
         recs = list_models(s)
         if as_json:
             for r in recs:
-                click.echo(json.dumps({
-                    "model": f"{r.name}:{r.version}", "active": r.active, "arch": r.arch,
-                    "path": r.path, "sha256": r.sha256, "created_at": r.created_at.isoformat(),
-                    "val": r.metrics.get("val"), "test": r.metrics.get("test"),
-                }, default=str))  # fmt: skip
+                click.echo(
+                    json.dumps(
+                        {
+                            "model": f"{r.name}:{r.version}",
+                            "active": r.active,
+                            "arch": r.arch,
+                            "path": r.path,
+                            "sha256": r.sha256,
+                            "created_at": r.created_at.isoformat(),
+                            "val": r.metrics.get("val"),
+                            "test": r.metrics.get("test"),
+                        },
+                        default=str,
+                    )
+                )
             return
         if not recs:
             click.echo("no registered models; `sortline train` or `sortline adapt` registers one")

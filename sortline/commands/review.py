@@ -59,8 +59,10 @@ def import_(folder: Path, add_to: Path | None) -> None:
     )
     for c in r["changed"]:
         click.echo(f"  {c['file']}: {c['from']} -> {c['to']}")
-    for key, what in (("missing", "not found (left as it was)"),
-                      ("unknown_folder", "in a folder that is no class (skipped)"),
-                      ("ambiguous", "found in several folders (skipped)")):  # fmt: skip
+    for key, what in (
+        ("missing", "not found (left as it was)"),
+        ("unknown_folder", "in a folder that is no class (skipped)"),
+        ("ambiguous", "found in several folders (skipped)"),
+    ):
         for f in r[key]:
             click.echo(f"  {f}: {what}", err=True)

@@ -171,9 +171,14 @@ def train(
     study_cfg = None
     if from_study:
         study_cfg = _config_from_study(
-            from_study, name=name, version=version, half=half, register=not no_register,
-            robustness=not no_robustness, cache_dir=str(settings.cache_dir),
-        )  # fmt: skip
+            from_study,
+            name=name,
+            version=version,
+            half=half,
+            register=not no_register,
+            robustness=not no_robustness,
+            cache_dir=str(settings.cache_dir),
+        )
         data, arch, mode = study_cfg.data, study_cfg.arch, study_cfg.mode
     elif not data:
         raise click.UsageError("--data is required (or --from-study NAME)")
@@ -256,9 +261,20 @@ def train(
 
 # what a study decides; `train --from-study` refuses them on the command line
 _STUDY_DECIDES = (
-    "data", "arch", "mode", "pretrained", "epochs", "lr", "backbone_lr", "batch_size", "augment",
-    "balance", "aug_views", "seed", "split_seed",
-)  # fmt: skip
+    "data",
+    "arch",
+    "mode",
+    "pretrained",
+    "epochs",
+    "lr",
+    "backbone_lr",
+    "batch_size",
+    "augment",
+    "balance",
+    "aug_views",
+    "seed",
+    "split_seed",
+)
 
 
 def _config_from_study(study: str, **run_options):
@@ -269,9 +285,10 @@ def _config_from_study(study: str, **run_options):
     quiet_optuna()
     ctx = click.get_current_context()
     given = [
-        p for p in _STUDY_DECIDES
+        p
+        for p in _STUDY_DECIDES
         if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)
-    ]  # fmt: skip
+    ]
     if given:
         opts = ", ".join("--" + p.replace("_", "-") for p in given)
         raise click.UsageError(f"--from-study takes {opts} from the study; drop them")
@@ -298,9 +315,24 @@ def evaluate(checkpoint, data, runtime, precision, as_json) -> None:
     m = evaluate_checkpoint(checkpoint, data, predict=clf.predict, **_review_settings())
     m.update(runtime=clf.runtime, precision=clf.precision)
     if as_json:
-        keep = ("n", "accuracy", "macro_f1", "per_class", "ece", "model", "runtime", "precision",
-                "skipped", "confusion", "intervals", "review_threshold", "unfamiliar_threshold",
-                "unfamiliar_rate", "needs_review_rate", "confident_error_rate")  # fmt: skip
+        keep = (
+            "n",
+            "accuracy",
+            "macro_f1",
+            "per_class",
+            "ece",
+            "model",
+            "runtime",
+            "precision",
+            "skipped",
+            "confusion",
+            "intervals",
+            "review_threshold",
+            "unfamiliar_threshold",
+            "unfamiliar_rate",
+            "needs_review_rate",
+            "confident_error_rate",
+        )
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
         return
     classes = list(m["per_class"])
@@ -355,8 +387,14 @@ def predict(images, checkpoint, grid, runtime, precision, as_json) -> None:
                 click.echo(f"{r['file']}: error: {r['error']}", err=True)
             continue
         if as_json:
-            keep = ("label", "confidence", "probabilities", "unfamiliarity", "unfamiliar",
-                    "needs_review")  # fmt: skip
+            keep = (
+                "label",
+                "confidence",
+                "probabilities",
+                "unfamiliarity",
+                "unfamiliar",
+                "needs_review",
+            )
             click.echo(json.dumps({**image_record(r["file"], **{k: r[k] for k in keep}), **served}))
         else:
             note = " unfamiliar: review" if r["unfamiliar"] else ""
@@ -481,13 +519,19 @@ def _review_settings() -> dict:
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @checkpoint_option
 @click.option(
-    "--images", type=click.IntRange(10), default=300, show_default=True,
+    "--images",
+    type=click.IntRange(10),
+    default=300,
+    show_default=True,
     help="Training-split images to calibrate on.",
-)  # fmt: skip
+)
 @click.option(
-    "--method", "methods", multiple=True, type=click.Choice(["minmax", "minmax-average", "percentile", "entropy"]),
+    "--method",
+    "methods",
+    multiple=True,
+    type=click.Choice(["minmax", "minmax-average", "percentile", "entropy"]),
     help="Calibration method to try (repeat; default: minmax and minmax-average).",
-)  # fmt: skip
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
 def quantize(
     data: Path, checkpoint: Path, images: int, methods: tuple[str, ...], seed: int

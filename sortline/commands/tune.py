@@ -79,9 +79,15 @@ def tune(
     if parallel is None:
         parallel = 1 if is_sqlite(url) else 0
     conf = StudyConfig(
-        data=data, arch=arch, mode=mode, trials=trials, parallel=parallel, pruner=pruner,
-        epochs=epochs or (15 if mode == "frozen" else 10), pretrained=pretrained,
-    )  # fmt: skip
+        data=data,
+        arch=arch,
+        mode=mode,
+        trials=trials,
+        parallel=parallel,
+        pruner=pruner,
+        epochs=epochs or (15 if mode == "frozen" else 10),
+        pretrained=pretrained,
+    )
     click.echo(f"study {name}: preparing features of {data} ({arch}) ...")
     t0 = time.perf_counter()
     study = create_or_resume(name, conf, url=url)

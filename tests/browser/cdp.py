@@ -54,12 +54,25 @@ class Chromium:
 
     def __enter__(self) -> Chromium:
         self.proc = subprocess.Popen(
-            [self.binary, "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-component-update", "--no-first-run",
-             "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
-             "--remote-debugging-port=0", "--remote-allow-origins=*", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
+            [
+                self.binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-port=0",
+                "--remote-allow-origins=*",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + self.timeout
         lines = []
         while time.monotonic() < deadline:
@@ -126,16 +139,26 @@ class Chromium:
 
             for domain in ("Page", "Runtime", "Log", "Network"):
                 call(f"{domain}.enable")
-            call("Emulation.setDeviceMetricsOverride", width=width, height=900,
-                 deviceScaleFactor=1, mobile=False)  # fmt: skip
+            call(
+                "Emulation.setDeviceMetricsOverride",
+                width=width,
+                height=900,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             call("Page.navigate", url=page.resolve().as_uri())
             wait_for("Page.loadEventFired")
-            info = call("Runtime.evaluate", returnByValue=True, awaitPromise=True, expression="""
+            info = call(
+                "Runtime.evaluate",
+                returnByValue=True,
+                awaitPromise=True,
+                expression="""
                 Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null)))
                 .then(() => ({title: document.title, images: Array.from(document.images).map(i => (
                   {alt: i.alt, complete: i.complete, naturalWidth: i.naturalWidth,
                    naturalHeight: i.naturalHeight, shownWidth: i.getBoundingClientRect().width}
-                  ))}))""")  # fmt: skip
+                  ))}))""",
+            )
             value = info["result"]["value"]
             result.title, result.images = value["title"], value["images"]
             shot = call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
@@ -146,8 +169,12 @@ class Chromium:
             for e in events:
                 m, p = e.get("method"), e.get("params", {})
                 if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                    result.errors.append("console: " + " ".join(
-                        str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))  # fmt: skip
+                    result.errors.append(
+                        "console: "
+                        + " ".join(
+                            str(a.get("value", a.get("description", ""))) for a in p.get("args", [])
+                        )
+                    )
                 elif m == "Runtime.exceptionThrown":
                     result.errors.append("exception: " + p["exceptionDetails"].get("text", ""))
                 elif m == "Log.entryAdded" and p["entry"].get("level") == "error":

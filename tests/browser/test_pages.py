@@ -38,8 +38,10 @@ def _photo(seed: int) -> bytes:
     d = ImageDraw.Draw(img)
     for _ in range(5):
         x, y = rng.randrange(10, 60), rng.randrange(10, 90)
-        d.ellipse((x, y, x + rng.randrange(10, 30), y + rng.randrange(10, 30)),
-                  fill=tuple(rng.randrange(200) for _ in range(3)))  # fmt: skip
+        d.ellipse(
+            (x, y, x + rng.randrange(10, 30), y + rng.randrange(10, 30)),
+            fill=tuple(rng.randrange(200) for _ in range(3)),
+        )
     buf = io.BytesIO()
     img.save(buf, "JPEG")
     return buf.getvalue()
@@ -63,10 +65,25 @@ def test_job_report_page(browser, screenshots, tmp_path, sqlite_url):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(jpeg_bytes(i, size=(96, 128)))
         probs = {k: 0.5 if k == CLASSES[i % 3] else 0.1 for k in CLASSES}
-        rows.append({"position": i, "ref": str(p), "status": "ok", "label": CLASSES[i % 3],
-                     "confidence": 0.3 + i / 30, "probs": probs, "needs_review": i < 8})  # fmt: skip
-    rows.append({"position": len(rows), "ref": "/gone.jpg", "status": "error",
-                 "error": "cannot read /gone.jpg: no such file"})  # fmt: skip
+        rows.append(
+            {
+                "position": i,
+                "ref": str(p),
+                "status": "ok",
+                "label": CLASSES[i % 3],
+                "confidence": 0.3 + i / 30,
+                "probs": probs,
+                "needs_review": i < 8,
+            }
+        )
+    rows.append(
+        {
+            "position": len(rows),
+            "ref": "/gone.jpg",
+            "status": "error",
+            "error": "cannot read /gone.jpg: no such file",
+        }
+    )
     with session_scope(sqlite_url) as s:
         job = create_job(s, source="photos", queue="cpu", total=len(rows))
         record_results(s, job_id=job.id, rows=rows)
@@ -86,9 +103,11 @@ def test_the_checker_sees_errors_and_broken_images(browser, screenshots, tmp_pat
     """The checks above are not vacuous: a console error, an exception and a broken image."""
     page = tmp_path / "bad" / "bad.html"
     page.parent.mkdir()
-    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
-                    '<img src="missing.png" alt="x"><script>console.error("boom");'
-                    "undefined_function();</script></body></html>")  # fmt: skip
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+        '<img src="missing.png" alt="x"><script>console.error("boom");'
+        "undefined_function();</script></body></html>"
+    )
     result = browser.check(page, screenshots / "bad.png")
     text = " ".join(result.errors)
     assert "console: boom" in text and "exception:" in text, result.errors

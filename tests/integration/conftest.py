@@ -64,9 +64,12 @@ def make_worker(tiny_model, db_url, tmp_path):
     ) -> CeleryWorker:
         w = CeleryWorker(
             {"SORTLINE_DATABASE_URL": db_url, "SORTLINE_MODEL": str(tiny_model), **(env or {})},
-            queues=queues, concurrency=concurrency, extra=extra, name=name,
+            queues=queues,
+            concurrency=concurrency,
+            extra=extra,
+            name=name,
             log=tmp_path / f"worker-{len(started)}.log",
-        )  # fmt: skip
+        )
         if app:
             w.argv[w.argv.index("worker.app")] = app
         started.append(w)

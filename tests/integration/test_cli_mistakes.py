@@ -24,8 +24,12 @@ pytestmark = pytest.mark.integration
 def sortline(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sortline.cli", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120, **kw,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        **kw,
+    )
 
 
 def _job(job_id: str):
@@ -81,8 +85,11 @@ def test_ctrl_c_while_waiting_says_the_job_goes_on(db_url, tmp_path):
     write_images(tmp_path / "p", 2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sortline.cli", "submit", str(tmp_path / "p"), "--wait"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     job_id = proc.stdout.readline().strip()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
@@ -109,8 +116,12 @@ def test_a_job_whose_messages_never_reach_the_broker_is_failed(db_url, tmp_path,
 def test_stream_closes_its_job_on_sigterm_and_close_closes_one_left_open(db_url):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sortline.cli", "stream"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     job_id = proc.stdout.readline().strip()
     assert _job(job_id).status == "open"
     proc.send_signal(signal.SIGTERM)

@@ -93,8 +93,10 @@ def workers(tiny_model, tmp_path, broker):
                 "SORTLINE_BROKER_URL": broker.url,
                 **(env or {}),
             },
-            concurrency=concurrency, extra=extra, log=tmp_path / f"worker-{len(started)}.log",
-        )  # fmt: skip
+            concurrency=concurrency,
+            extra=extra,
+            log=tmp_path / f"worker-{len(started)}.log",
+        )
         if app:
             w.argv[w.argv.index("worker.app")] = app
         started.append(w)

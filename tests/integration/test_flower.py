@@ -30,8 +30,12 @@ def flower(tmp_path):
     log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "sortline.cli", "flower", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def up():
@@ -66,10 +70,12 @@ def test_flower_lists_worker_and_finished_tasks(flower, make_worker, tmp_path):
     def finished():
         tasks = requests.get(f"{flower}/api/tasks", auth=auth, timeout=5).json()
         done = {
-            uuid: t for uuid, t in tasks.items()
-            if t["name"] == "worker.tasks.inference.classify_batch" and t["state"] == "SUCCESS"
+            uuid: t
+            for uuid, t in tasks.items()
+            if t["name"] == "worker.tasks.inference.classify_batch"
+            and t["state"] == "SUCCESS"
             and (t.get("args") or "").startswith(f"job {job_id[:8]}: ")
-        }  # fmt: skip
+        }
         return len(done) >= 2 and done
 
     done = wait_until(finished, timeout=30)

@@ -30,8 +30,12 @@ def health(env: dict[str, str], *args: str) -> tuple[int, dict[str, dict], str]:
     """Run `sortline health --json ARGS`; return the exit code, checks by name, and stderr."""
     out = subprocess.run(
         [sys.executable, "-m", "sortline.cli", "health", "--json", "--timeout", "2", *args],
-        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     checks = {c["name"]: c for c in json.loads(out.stdout)} if out.stdout.strip() else {}
     return out.returncode, checks, out.stderr
 

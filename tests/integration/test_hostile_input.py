@@ -73,8 +73,12 @@ def test_every_hostile_file_gets_a_row(make_worker, tmp_path):
     rejected = 3  # positions carried by messages the worker must reject
     with session_scope() as s:
         job_id = create_job(s, source="hostile", queue="cpu", total=n_files + rejected).id
-    send_items(job_id, [{"pos": i, "path": p} for i, (p, _, _) in enumerate(cases)],
-               queue="cpu", batch_size=4)  # fmt: skip
+    send_items(
+        job_id,
+        [{"pos": i, "path": p} for i, (p, _, _) in enumerate(cases)],
+        queue="cpu",
+        batch_size=4,
+    )
     from worker.app import app
 
     now = time.time()
@@ -155,8 +159,11 @@ def test_pickle_and_garbage_messages_are_refused(make_worker, tmp_path):
     with Connection(app.conf.broker_url) as conn:
         producer = Producer(conn, exchange=Exchange("cpu", type="direct"), routing_key="cpu")
         producer.publish({"hello": "not a task"}, serializer="json")  # no task headers
-        producer.publish(b"\x80\x04garbage", content_type="application/x-python-serialize",
-                         content_encoding="binary")  # fmt: skip
+        producer.publish(
+            b"\x80\x04garbage",
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+        )
     app.send_task(TASK, args=[], queue="cpu")  # the wrong number of arguments
     app.send_task(TASK, args=["a string", 2], kwargs={"evil": 1}, queue="cpu")
     app.send_task(TASK, args=[[1, 2, 3]], queue="cpu")  # not an object
@@ -224,9 +231,14 @@ def test_tampered_model_is_refused_by_the_worker(make_worker, tiny_model, db_url
     meta = read_metadata(path)
     with session_scope() as s:
         register_model(
-            s, name="tiny-test", version="0", arch=meta["arch"], path=str(path.resolve()),
-            sha256=file_sha256(path), classes=meta["classes"],
-        )  # fmt: skip
+            s,
+            name="tiny-test",
+            version="0",
+            arch=meta["arch"],
+            path=str(path.resolve()),
+            sha256=file_sha256(path),
+            classes=meta["classes"],
+        )
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x01  # one bit of one weight
     path.write_bytes(bytes(data))
@@ -285,8 +297,10 @@ def test_fuzzed_messages_to_a_real_worker(make_worker, tmp_path):
     assert job.done + job.failed == len(rows) == len(expected)
     assert all(r.status == "ok" or r.error for r in rows.values())
     assert w.proc.poll() is None
-    print(f"\n{len(bodies)} messages: {len(expected)} positions recorded, "
-          f"{sum(r.status == 'ok' for r in rows.values())} classified")  # fmt: skip
+    print(
+        f"\n{len(bodies)} messages: {len(expected)} positions recorded, "
+        f"{sum(r.status == 'ok' for r in rows.values())} classified"
+    )
 
 
 @PG_ONLY

@@ -68,9 +68,17 @@ def test_job_over_labelled_folder_reports_the_accuracy_of_evaluate(
 
 def test_report_of_an_unlabelled_job_and_of_an_unknown_one(db_url, tmp_path):
     photos = write_images(tmp_path / "photos", 5)
-    rows = [{"position": i, "ref": str(p), "status": "ok", "label": CLASSES[i],
-             "confidence": 0.5, "probs": {c: 0.1 for c in CLASSES} | {CLASSES[i]: 0.5}}
-            for i, p in enumerate(photos)]  # fmt: skip
+    rows = [
+        {
+            "position": i,
+            "ref": str(p),
+            "status": "ok",
+            "label": CLASSES[i],
+            "confidence": 0.5,
+            "probs": {c: 0.1 for c in CLASSES} | {CLASSES[i]: 0.5},
+        }
+        for i, p in enumerate(photos)
+    ]
     with session_scope() as s:
         job_id = create_job(s, source="photos", queue="cpu", total=5).id
         record_results(s, job_id=job_id, rows=rows)

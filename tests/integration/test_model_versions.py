@@ -30,8 +30,11 @@ def _cli(*args: str):
 def test_activation_reaches_a_running_worker_and_rollback_restores(make_worker, tmp_path):
     # two candidates better than the shipped model on val, the second better than the first
     for seed, f1 in ((1, 0.95), (2, 0.96)):
-        ckpt = tiny_checkpoint(tmp_path / f"v{seed}.safetensors", seed=seed,
-                               metrics={"val": {"macro_f1": f1, "accuracy": f1}})  # fmt: skip
+        ckpt = tiny_checkpoint(
+            tmp_path / f"v{seed}.safetensors",
+            seed=seed,
+            metrics={"val": {"macro_f1": f1, "accuracy": f1}},
+        )
         assert register(ckpt) == f"tiny-test:{seed}"
     out = _cli("models", "activate", "tiny-test:1")
     assert out.exit_code == 0 and "tiny-test:1 is the active model" in out.output, out.output

@@ -40,14 +40,21 @@ def test_stream_cli_reads_stdin_and_follow_prints_rows(make_worker, tmp_path):
     paths = write_images(tmp_path / "s", 4)
     out = subprocess.run(
         [sys.executable, "-m", "sortline.cli", "stream"],
-        input="\n".join(map(str, paths)) + "\n", capture_output=True, text=True, cwd=REPO, timeout=60,
-    )  # fmt: skip
+        input="\n".join(map(str, paths)) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.split()[0]
     follow = subprocess.run(
         [sys.executable, "-m", "sortline.cli", "results", "--follow", job_id, "--format", "json"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert follow.returncode == 0, follow.stderr
     assert len(follow.stdout.strip().splitlines()) == 4
 

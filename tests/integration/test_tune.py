@@ -61,9 +61,11 @@ def workers(pg, broker, tmp_path):
         }
         for _ in range(n):
             w = CeleryWorker(
-                {**base, **env}, queues="training", concurrency=1,
+                {**base, **env},
+                queues="training",
+                concurrency=1,
                 log=tmp_path / f"worker-{len(started)}.log",
-            )  # fmt: skip
+            )
             started.append(w)
         for w in started[-n:]:
             w.start()
@@ -84,10 +86,29 @@ def test_two_workers_run_trials_of_one_study_concurrently(pg, data, workers, tmp
     a, b = workers(2)
     r = CliRunner().invoke(
         cli,
-        ["tune", "--study", "par", "--data", str(data), "--arch", "tiny", "--pretrained", "none",
-         "--mode", "frozen", "--trials", "6", "--epochs", "40", "--parallel", "2", "--wait",
-         "--plots", str(tmp_path / "plots")],
-    )  # fmt: skip
+        [
+            "tune",
+            "--study",
+            "par",
+            "--data",
+            str(data),
+            "--arch",
+            "tiny",
+            "--pretrained",
+            "none",
+            "--mode",
+            "frozen",
+            "--trials",
+            "6",
+            "--epochs",
+            "40",
+            "--parallel",
+            "2",
+            "--wait",
+            "--plots",
+            str(tmp_path / "plots"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "6/6 trials done" in r.output
 
@@ -136,9 +157,24 @@ def test_killed_worker_trial_fails_and_is_retried(pg, data, workers, tmp_path):
     a, b = workers(2, **env)
     r = CliRunner().invoke(
         cli,
-        ["tune", "--study", "kill", "--data", str(data), "--arch", "tiny", "--pretrained", "none",
-         "--trials", "4", "--epochs", "400", "--pruner", "none"],
-    )  # fmt: skip
+        [
+            "tune",
+            "--study",
+            "kill",
+            "--data",
+            str(data),
+            "--arch",
+            "tiny",
+            "--pretrained",
+            "none",
+            "--trials",
+            "4",
+            "--epochs",
+            "400",
+            "--pruner",
+            "none",
+        ],
+    )
     assert r.exit_code == 0, r.output
     study = load_study("kill")
 

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def scored_model(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("m") / "scored.safetensors", seed=5,
-                           unfamiliarity=True)  # fmt: skip
+    return tiny_checkpoint(
+        tmp_path_factory.mktemp("m") / "scored.safetensors", seed=5, unfamiliarity=True
+    )
 
 
 def test_unfamiliar_images_need_review_whatever_their_confidence(make_worker, scored_model):

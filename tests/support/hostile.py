@@ -158,7 +158,7 @@ def _envelope(body: bytes | str = b'[[{"v": 1}], {}, {}]', edit=None) -> bytes:
             "eta": None,
             "expires": None,
             "group": None,
-        },  # fmt: skip
+        },
         "properties": {
             "correlation_id": tid,
             "delivery_mode": 2,
@@ -166,7 +166,7 @@ def _envelope(body: bytes | str = b'[[{"v": 1}], {}, {}]', edit=None) -> bytes:
             "delivery_info": {"exchange": "", "routing_key": "cpu"},
             "priority": 0,
             "delivery_tag": str(uuid.uuid4()),
-        },  # fmt: skip
+        },
     }
     if edit is not None:
         edit(env)

@@ -69,10 +69,18 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         argv = [
-            shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-            "--bind", "127.0.0.1", "--dir", str(self.folder), "--save", "",
-            "--logfile", str(self.folder / "redis.log"),
-        ]  # fmt: skip
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--save",
+            "",
+            "--logfile",
+            str(self.folder / "redis.log"),
+        ]
         argv += (
             ["--appendonly", "yes", "--appendfsync", "always"]
             if self.persist
@@ -134,9 +142,16 @@ class PostgresServer:
             shutil.chown(self.folder, "postgres", "postgres")
             self.folder.chmod(0o700)
         self._run(
-            str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-            "--no-sync", "-E", "UTF8",
-        )  # fmt: skip
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
         return self
 
     def start(self) -> PostgresServer:
@@ -145,9 +160,18 @@ class PostgresServer:
             "-c max_connections=60"
         )
         self._run(
-            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
-            str(self.folder / "pg.log"), "-w", "-t", "60", "start",
-        )  # fmt: skip
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-l",
+            str(self.folder / "pg.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:

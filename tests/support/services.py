@@ -51,10 +51,25 @@ class CeleryWorker:
         self.name = name or f"test-{uuid.uuid4().hex[:6]}"
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.argv = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues,
-            "-c", str(concurrency), "-n", f"{self.name}@%h", "-E", "-l", "INFO",
-            "--without-mingle", "--without-gossip", *(extra or []),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{self.name}@%h",
+            "-E",
+            "-l",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            *(extra or []),
+        ]
         self.log = log
         self.proc: subprocess.Popen | None = None
 

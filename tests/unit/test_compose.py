@@ -25,9 +25,15 @@ DOCKERFILE = REPO / "Dockerfile"
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])((?:[^{}]|\{[^{}]*\})*))?\}")
 SECRET = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|PASSPHRASE", re.IGNORECASE)
 SERVICES = {
-    "redis", "postgres", "migrate", "worker-cpu", "worker-gpu", "worker-training", "flower",
+    "redis",
+    "postgres",
+    "migrate",
+    "worker-cpu",
+    "worker-gpu",
+    "worker-training",
+    "flower",
     "producer",
-}  # fmt: skip
+}
 
 
 def env_example() -> dict[str, str]:
@@ -206,8 +212,13 @@ def _settings_fields() -> set[str]:
 
     from db.config import SortlineSettings
 
-    for mod in ("db.config", "worker.config", "producer.config", "training.config",
-                "worker.metrics"):  # fmt: skip
+    for mod in (
+        "db.config",
+        "worker.config",
+        "producer.config",
+        "training.config",
+        "worker.metrics",
+    ):
         importlib.import_module(mod)
     seen, todo = set(), list(SortlineSettings.__subclasses__())
     while todo:

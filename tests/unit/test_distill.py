@@ -39,9 +39,21 @@ def test_train_device_cuda_without_a_gpu_is_one_line(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_class=3)
     r = CliRunner().invoke(
         cli,
-        ["train", "--data", str(data), "--arch", "tiny", "--pretrained", "none", "--device",
-         "cuda", "--out", str(tmp_path / "run"), "--no-register"],
-    )  # fmt: skip
+        [
+            "train",
+            "--data",
+            str(data),
+            "--arch",
+            "tiny",
+            "--pretrained",
+            "none",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-register",
+        ],
+    )
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.strip().splitlines()[-1].startswith("Error: --device cuda: PyTorch sees no")
 
@@ -74,10 +86,14 @@ def _teacher_file(path, *, seed: int, crop: int, manifest: str = "m1", temperatu
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.5)
     meta = {
-        "name": "t", "version": str(seed), "arch": "tiny", "classes": ["a", "b", "c"],
+        "name": "t",
+        "version": str(seed),
+        "arch": "tiny",
+        "classes": ["a", "b", "c"],
         "preprocess": PreprocessSpec(resize=crop + 8, crop=crop).to_dict(),
-        "temperature": temperature, "manifest_sha256": manifest,
-    }  # fmt: skip
+        "temperature": temperature,
+        "manifest_sha256": manifest,
+    }
     save_checkpoint(path, model, meta)
     return path
 
@@ -129,13 +145,26 @@ def test_distillation_pulls_the_student_towards_the_teachers():
         return target.expand(len(x), 3)
 
     params = FinetuneParams(
-        epochs=3, batch_size=8, lr=0.05, backbone_lr=0.05, augment="none", balance="none",
-        label_smoothing=0.0, distill_weight=1.0,
-    )  # fmt: skip
+        epochs=3,
+        batch_size=8,
+        lr=0.05,
+        backbone_lr=0.05,
+        augment="none",
+        balance="none",
+        label_smoothing=0.0,
+        distill_weight=1.0,
+    )
     model, history = train_finetune(
-        create_model("tiny", num_classes=3), imgs, y, imgs, y, SPEC, params, num_classes=3,
+        create_model("tiny", num_classes=3),
+        imgs,
+        y,
+        imgs,
+        y,
+        SPEC,
+        params,
+        num_classes=3,
         teacher=teacher,
-    )  # fmt: skip
+    )
     from training.fit.evaluate import predict_logits
 
     assert (predict_logits(model, imgs, SPEC).argmax(1) == 2).all()
@@ -151,11 +180,18 @@ def test_finetune_on_cuda_in_bf16(tmp_path):
 
     data = make_imagefolder(tmp_path / "data", per_class=4)
     cfg = RunConfig(
-        data=str(data), out=str(tmp_path / "run"), arch="tiny", pretrained="none",
-        mode="finetune", device="cuda", robustness=False, register=False,
-        frozen=FrozenParams(epochs=1), finetune=FinetuneParams(epochs=1, batch_size=8),
+        data=str(data),
+        out=str(tmp_path / "run"),
+        arch="tiny",
+        pretrained="none",
+        mode="finetune",
+        device="cuda",
+        robustness=False,
+        register=False,
+        frozen=FrozenParams(epochs=1),
+        finetune=FinetuneParams(epochs=1, batch_size=8),
         cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+    )
     summary = train(cfg)
     assert summary["ran_on"].startswith("cuda (")
     assert summary["metrics"]["test"]["n"] > 0

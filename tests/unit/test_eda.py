@@ -118,8 +118,13 @@ def test_eda_of_trashnet_reports_its_known_defects(tmp_path):
     s = run_eda(TRASHNET, tmp_path / "eda")
     seconds = time.perf_counter() - t0
     assert s["class_counts"] == {
-        "cardboard": 343, "glass": 426, "metal": 348, "paper": 505, "plastic": 410, "trash": 116,
-    }  # fmt: skip
+        "cardboard": 343,
+        "glass": 426,
+        "metal": 348,
+        "paper": 505,
+        "plastic": 410,
+        "trash": 116,
+    }
     assert s["n_images"] == 2148 and s["integrity"]["unreadable"] == []
     assert s["sizes"] == {"384x512": 2148}
     cross = sorted(d["files"] for d in s["exact_duplicates"]["items"] if d["cross_class"])

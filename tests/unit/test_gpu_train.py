@@ -22,10 +22,22 @@ def smoke(tmp_path_factory) -> dict:
     out = root / "out"
     t0 = time.perf_counter()
     r = subprocess.run(
-        [str(SCRIPT), str(out), str(BUDGET), "--tiny", "--data", str(data), "--device", "cpu",
-         "--workers", "1"],
-        capture_output=True, text=True, timeout=BUDGET + 30,
-    )  # fmt: skip
+        [
+            str(SCRIPT),
+            str(out),
+            str(BUDGET),
+            "--tiny",
+            "--data",
+            str(data),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BUDGET + 30,
+    )
     return {"run": r, "out": out, "seconds": time.perf_counter() - t0}
 
 

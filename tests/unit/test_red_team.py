@@ -81,8 +81,10 @@ def test_a_message_of_thousands_of_images_is_classified_in_bounded_chunks(tmp_pa
         unfamiliar_threshold=None,
     )
     data = jpeg_bytes(1, (8, 8))
-    items = [Item(pos=i, ref=f"k{i}", data_b64=__import__("base64").b64encode(data).decode())
-             for i in range(3000)]  # fmt: skip
+    items = [
+        Item(pos=i, ref=f"k{i}", data_b64=__import__("base64").b64encode(data).decode())
+        for i in range(3000)
+    ]
     items[7] = Item(pos=7, ref="strip", data_b64=_b64_png((5000, 1)))
     batcher = _Batcher()
     rows = _classify_items(items, clf, batcher, worker="w")
@@ -166,12 +168,17 @@ def _hostile_job(url: str) -> str:
         rows = []
         for i, name in enumerate(HOSTILE_NAMES):
             ok = i % 2 == 0
-            rows.append({
-                "position": i, "ref": f"/d/{name}", "status": "ok" if ok else "error",
-                "label": "glass" if ok else None, "confidence": 0.9 if ok else None,
-                "probs": {c: 1 / 6 for c in CLASSES} if ok else None,
-                "error": None if ok else f"bad {name}",
-            })  # fmt: skip
+            rows.append(
+                {
+                    "position": i,
+                    "ref": f"/d/{name}",
+                    "status": "ok" if ok else "error",
+                    "label": "glass" if ok else None,
+                    "confidence": 0.9 if ok else None,
+                    "probs": {c: 1 / 6 for c in CLASSES} if ok else None,
+                    "error": None if ok else f"bad {name}",
+                }
+            )
         record_results(s, job_id=job.id, rows=rows)
         return job.id
 
@@ -199,9 +206,14 @@ def test_results_and_jobs_print_no_escape_sequence_and_no_formula(sqlite_url, mo
 
 def test_a_job_id_with_a_newline_cannot_forge_a_log_line():
     record = logging.LogRecord(
-        "worker.tasks.inference", logging.ERROR, __file__, 1,
-        "rejected message for job %s: %s", ("ab\n[2026-01-01: INFO] all good\x00", "x"), None,
-    )  # fmt: skip
+        "worker.tasks.inference",
+        logging.ERROR,
+        __file__,
+        1,
+        "rejected message for job %s: %s",
+        ("ab\n[2026-01-01: INFO] all good\x00", "x"),
+        None,
+    )
     EscapeControlCharacters().filter(record)
     text = record.getMessage()
     assert "\n" not in text and "\x00" not in text and "\\x0a" in text
@@ -244,11 +256,22 @@ def test_report_and_review_read_rows_under_the_workers_rules(sqlite_url, tmp_pat
     try:
         with session_scope(sqlite_url) as s:
             job = create_job(s, source="t", queue="cpu", total=len(refs))
-            record_results(s, job_id=job.id, rows=[
-                {"position": i, "ref": str(r), "status": "ok", "label": "glass",
-                 "confidence": 0.1, "probs": {c: 1 / 6 for c in CLASSES}, "needs_review": True}
-                for i, r in enumerate(refs)
-            ])  # fmt: skip
+            record_results(
+                s,
+                job_id=job.id,
+                rows=[
+                    {
+                        "position": i,
+                        "ref": str(r),
+                        "status": "ok",
+                        "label": "glass",
+                        "confidence": 0.1,
+                        "probs": {c: 1 / 6 for c in CLASSES},
+                        "needs_review": True,
+                    }
+                    for i, r in enumerate(refs)
+                ],
+            )
             job_id = job.id
         result: list = []
         t = threading.Thread(

@@ -19,8 +19,14 @@ def _split(acc: float, n: int = 60) -> dict:
     k = len(CLASSES)
     conf = [[n // k if i == j else 0 for j in range(k)] for i in range(k)]
     per = {c: {"precision": acc, "recall": acc, "f1": acc, "support": n // k} for c in CLASSES}
-    return {"n": n, "accuracy": acc, "macro_f1": acc - 0.01, "ece": 0.03, "per_class": per,
-            "confusion": conf}  # fmt: skip
+    return {
+        "n": n,
+        "accuracy": acc,
+        "macro_f1": acc - 0.01,
+        "ece": 0.03,
+        "per_class": per,
+        "confusion": conf,
+    }
 
 
 def make_run(root: Path, name: str, acc: float, *, full: bool = True) -> Path:
@@ -37,11 +43,22 @@ def make_run(root: Path, name: str, acc: float, *, full: bool = True) -> Path:
             "per_class_f1": {"glass": [0.4, 1.0]},
         },
     }
-    metrics = {"val": _split(acc + 0.01), "test": test,
-               "calibration": {"split": "val", "temperature": 1.2, "ece_before": 0.05,
-                               "ece_after": 0.02, "nll_before": 0.4, "nll_after": 0.35},
-               "test_robustness": {"mean_corrupted": {"accuracy": acc - 0.1, "macro_f1": 0.5},
-                                   "per_corruption": {"blur": {"accuracy": 0.7, "macro_f1": 0.6}}}}  # fmt: skip
+    metrics = {
+        "val": _split(acc + 0.01),
+        "test": test,
+        "calibration": {
+            "split": "val",
+            "temperature": 1.2,
+            "ece_before": 0.05,
+            "ece_after": 0.02,
+            "nll_before": 0.4,
+            "nll_after": 0.35,
+        },
+        "test_robustness": {
+            "mean_corrupted": {"accuracy": acc - 0.1, "macro_f1": 0.5},
+            "per_corruption": {"blur": {"accuracy": 0.7, "macro_f1": 0.6}},
+        },
+    }
     if not full:  # an older or partial run: only the summary
         (d / "summary.json").write_text(json.dumps({"metrics": metrics, "seconds": 12.5}))
         return d
@@ -52,8 +69,18 @@ def make_run(root: Path, name: str, acc: float, *, full: bool = True) -> Path:
     )
     (d / "classification_report.txt").write_text("test split\n  glass 0.9\n")
     counts = {sp: {c: 5 for c in CLASSES} for sp in ("train", "val", "test")}
-    (d / "manifest.json").write_text(json.dumps({"classes": CLASSES, "counts": counts,
-        "duplicate_groups": 3, "skipped": [], "manifest_sha256": "ab" * 32, "samples": []}))  # fmt: skip
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {
+                "classes": CLASSES,
+                "counts": counts,
+                "duplicate_groups": 3,
+                "skipped": [],
+                "manifest_sha256": "ab" * 32,
+                "samples": [],
+            }
+        )
+    )
     return d
 
 
@@ -65,8 +92,15 @@ def test_run_page_renders_what_the_folder_holds(tmp_path):
     assert (tmp_path / "out" / "curves.png").exists()  # drawn from history.csv
     assert (tmp_path / "out" / "confusion_matrix.png").exists()  # drawn from metrics.json
     assert html.count("data:image/png;base64,") == 2
-    for text in ("0.800", "Robustness", "blur", "Data split", "test split", "temperature",
-                 "bootstrap 95% intervals (1000 resamples): accuracy [0.61, 0.97]"):  # fmt: skip
+    for text in (
+        "0.800",
+        "Robustness",
+        "blur",
+        "Data split",
+        "test split",
+        "temperature",
+        "bootstrap 95% intervals (1000 resamples): accuracy [0.61, 0.97]",
+    ):
         assert text in html or text.lower() in html.lower(), text
     assert "No model.safetensors" in html
 
@@ -85,8 +119,9 @@ def test_run_page_tolerates_a_partial_run_and_refuses_a_non_run(tmp_path, tiny_m
 def test_compare_runs_table_and_confusion_matrices_side_by_side(tmp_path):
     runs = [make_run(tmp_path, f"aug-{a}", acc) for a, acc in (("none", 0.8), ("flip", 0.85))]
     runs.append(make_run(tmp_path, "old", 0.75, full=False))
-    r = CliRunner().invoke(cli, ["report", *sum((["--run", str(d)] for d in runs), []),
-                                 "--out", str(tmp_path / "cmp")])  # fmt: skip
+    r = CliRunner().invoke(
+        cli, ["report", *sum((["--run", str(d)] for d in runs), []), "--out", str(tmp_path / "cmp")]
+    )
     assert r.exit_code == 0, r.output
     html = (tmp_path / "cmp" / "compare.html").read_text()
     assert "Best test accuracy: aug-flip (0.850)" in html
@@ -99,7 +134,9 @@ def test_compare_runs_table_and_confusion_matrices_side_by_side(tmp_path):
 
 
 def test_report_and_review_modules_do_not_import_torch():
-    code = ("import sys, producer.report, producer.review, sortline.commands.report, "
-            "sortline.commands.review, training.reports.run, training.reports.eda, training.reports.charts; "
-            "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    code = (
+        "import sys, producer.report, producer.review, sortline.commands.report, "
+        "sortline.commands.review, training.reports.run, training.reports.eda, training.reports.charts; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

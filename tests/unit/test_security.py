@@ -194,10 +194,20 @@ def test_torch_load_always_with_weights_only():
                     calls.append((f"{path.relative_to(REPO)}:{node.lineno}", ok))
     assert all(ok for _, ok in calls), [where for where, ok in calls if not ok]
     bad = subprocess.run(
-        ["grep", "-rnE", r"pickle\.loads?\(|import dill|joblib\.load", "db", "training", "worker",
-         "producer", "sortline"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "grep",
+            "-rnE",
+            r"pickle\.loads?\(|import dill|joblib\.load",
+            "db",
+            "training",
+            "worker",
+            "producer",
+            "sortline",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.stdout == "", bad.stdout
 
 
@@ -222,9 +232,14 @@ def test_tampered_checkpoint_is_refused_by_its_registered_sha256(
     meta = read_metadata(path)
     with session_scope(sqlite_url) as s:
         register_model(
-            s, name="tiny-test", version="0", arch=meta["arch"], path=str(path.resolve()),
-            sha256=file_sha256(path), classes=meta["classes"],
-        )  # fmt: skip
+            s,
+            name="tiny-test",
+            version="0",
+            arch=meta["arch"],
+            path=str(path.resolve()),
+            sha256=file_sha256(path),
+            classes=meta["classes"],
+        )
     monkeypatch.setenv("SORTLINE_DATABASE_URL", sqlite_url)
     from worker.config import WorkerSettings
 

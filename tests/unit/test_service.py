@@ -21,8 +21,15 @@ from db.service import (
 
 
 def _ok(pos: int, label: str = "glass", conf: float = 0.9) -> dict:
-    return {"position": pos, "ref": f"/x/{pos}.jpg", "status": "ok", "label": label,
-            "confidence": conf, "probs": {label: conf}, "model_version": "m:1"}  # fmt: skip
+    return {
+        "position": pos,
+        "ref": f"/x/{pos}.jpg",
+        "status": "ok",
+        "label": label,
+        "confidence": conf,
+        "probs": {label: conf},
+        "model_version": "m:1",
+    }
 
 
 def _err(pos: int) -> dict:
@@ -81,8 +88,16 @@ def test_job_ids_are_checked_and_prefixes_never_wildcards(sqlite_url):
 
 def _register(s, version: str, val_f1: float | None):
     metrics = {"val": {"macro_f1": val_f1}} if val_f1 is not None else {}
-    return register_model(s, name="m", version=version, arch="tiny", path=f"/m{version}",
-                          sha256=version * 64, classes=["a"], metrics=metrics)  # fmt: skip
+    return register_model(
+        s,
+        name="m",
+        version=version,
+        arch="tiny",
+        path=f"/m{version}",
+        sha256=version * 64,
+        classes=["a"],
+        metrics=metrics,
+    )
 
 
 def test_the_shipped_model_is_registered_and_active_after_the_migrations(sqlite_url):

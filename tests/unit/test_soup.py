@@ -16,10 +16,19 @@ def _run(data, out, seed):
     from training.fit.train import FrozenParams
 
     cfg = RunConfig(
-        data=str(data), out=str(out), arch="tiny", pretrained="none", mode="frozen",
-        frozen=FrozenParams(epochs=2), aug_views=0, seed=seed, register=False,
-        robustness=False, version=f"s{seed}", cache_dir=str(out.parent / "cache"),
-    )  # fmt: skip
+        data=str(data),
+        out=str(out),
+        arch="tiny",
+        pretrained="none",
+        mode="frozen",
+        frozen=FrozenParams(epochs=2),
+        aug_views=0,
+        seed=seed,
+        register=False,
+        robustness=False,
+        version=f"s{seed}",
+        cache_dir=str(out.parent / "cache"),
+    )
     train(cfg)
     return out
 
@@ -54,9 +63,12 @@ def test_soup_of_two_runs_is_scored_on_val_and_ships(tmp_path, monkeypatch):
     assert [m["run"] for m in meta["training"]["soup_of"]] == ["run0", "run1"]
 
     shipped = ship(
-        tmp_path / "soup", version="t", out=tmp_path / "shipped.safetensors",
-        cache_dir=str(tmp_path / "cache"), robustness=False,
-    )  # fmt: skip
+        tmp_path / "soup",
+        version="t",
+        out=tmp_path / "shipped.safetensors",
+        cache_dir=str(tmp_path / "cache"),
+        robustness=False,
+    )
     assert shipped["metrics"]["test"]["n"] > 0
     assert read_metadata(tmp_path / "shipped.safetensors")["source_run"] == "soup"
 

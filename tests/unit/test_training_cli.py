@@ -19,10 +19,23 @@ def trained(tmp_path_factory):
     env = {"SORTLINE_CACHE_DIR": str(root / "cache")}
     r = CliRunner().invoke(
         cli,
-        ["train", "--data", str(data), "--arch", "tiny", "--pretrained", "none", "--epochs", "2",
-         "--out", str(out), "--no-register", "--no-robustness"],
+        [
+            "train",
+            "--data",
+            str(data),
+            "--arch",
+            "tiny",
+            "--pretrained",
+            "none",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--no-register",
+            "--no-robustness",
+        ],
         env=env,
-    )  # fmt: skip
+    )
     assert r.exit_code == 0, r.output
     return {"data": data, "out": out, "output": r.output}
 
@@ -61,25 +74,42 @@ def test_evaluate_json(trained):
     assert (m["runtime"], m["precision"]) == ("onnx", "fp32")  # a CPU worker's; no calibration
     r = CliRunner().invoke(
         cli,
-        ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json",
-         "--runtime", "torch"],
-    )  # fmt: skip
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(trained["data"]),
+            "--json",
+            "--runtime",
+            "torch",
+        ],
+    )
     t = json.loads(r.output.strip().splitlines()[-1])
     assert (t["runtime"], t["precision"]) == ("torch", "fp32")
     assert abs(t["accuracy"] - m["accuracy"]) <= 1 / m["n"]  # the two runtimes agree
     r = CliRunner().invoke(
-        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]),
-              "--precision", "int8"],
-    )  # fmt: skip
+        cli,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(trained["data"]),
+            "--precision",
+            "int8",
+        ],
+    )
     assert r.exit_code == 1 and "no int8 calibration" in r.output and "Traceback" not in r.output
 
 
 def test_evaluate_threshold_setting_flags_everything(trained):
     ckpt = trained["out"] / "model.safetensors"
     r = CliRunner().invoke(
-        cli, ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json"],
+        cli,
+        ["evaluate", "--checkpoint", str(ckpt), "--data", str(trained["data"]), "--json"],
         env={"SORTLINE_UNFAMILIAR_THRESHOLD": "-1"},
-    )  # fmt: skip
+    )
     m = json.loads(r.output.strip().splitlines()[-1])
     assert m["unfamiliar_rate"] == 1 and m["needs_review_rate"] == 1
     assert m["confident_error_rate"] == 0

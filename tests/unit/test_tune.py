@@ -96,9 +96,13 @@ def test_search_spaces_have_stable_names():
     p = frozen_params(StudyConfig(data="."), fixed)
     assert (p.lr, p.batch_size, p.epochs) == (0.01, 64, 15)
     ft = {
-        "lr": 1e-3, "backbone_lr_mult": 0.1, "weight_decay": 0.01, "label_smoothing": 0.1,
-        "epochs": 4, "augment": "robust",
-    }  # fmt: skip
+        "lr": 1e-3,
+        "backbone_lr_mult": 0.1,
+        "weight_decay": 0.01,
+        "label_smoothing": 0.1,
+        "epochs": 4,
+        "augment": "robust",
+    }
     assert suggest_finetune(optuna.trial.FixedTrial(ft), max_epochs=10) == ft
 
 
@@ -185,8 +189,13 @@ def test_finetune_trial(env, data):
     assert out["status"] == "ran" and out["state"] in ("COMPLETE", "PRUNED"), out
     t = load_study("ft").trials[0]
     assert set(t.params) == {
-        "lr", "backbone_lr_mult", "weight_decay", "label_smoothing", "epochs", "augment"
-    }  # fmt: skip
+        "lr",
+        "backbone_lr_mult",
+        "weight_decay",
+        "label_smoothing",
+        "epochs",
+        "augment",
+    }
     assert len(t.intermediate_values) == t.params["epochs"]
 
 
@@ -260,16 +269,31 @@ def test_tune_names_its_metric_lists_studies_and_keeps_optuna_quiet(env, data, t
     def sortline(*args):
         out = subprocess.run(
             [sys.executable, "-m", "sortline.cli", *args],
-            capture_output=True, text=True, cwd=REPO, env=run_env, timeout=300,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=run_env,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         return out
 
     try:
         made = sortline(
-            "tune", "--study", "quiet", "--data", str(data), "--arch", "tiny", "--trials", "2",
-            "--epochs", "1", "--pretrained", "none",
-        )  # fmt: skip
+            "tune",
+            "--study",
+            "quiet",
+            "--data",
+            str(data),
+            "--arch",
+            "tiny",
+            "--trials",
+            "2",
+            "--epochs",
+            "1",
+            "--pretrained",
+            "none",
+        )
     finally:
         redis.from_url(broker).flushdb()
     listed = sortline("tune", "list")

@@ -91,8 +91,9 @@ def calibrate_int8(
     with tempfile.TemporaryDirectory(prefix="sortline-int8-") as tmp:
         for method in methods:
             cal = Path(tmp) / f"{method}.json"
-            model = quantize_onnx(fp32, Path(tmp) / f"{method}.onnx", calibration=cal,
-                                  method=method, arrays=calib)  # fmt: skip
+            model = quantize_onnx(
+                fp32, Path(tmp) / f"{method}.onnx", calibration=cal, method=method, arrays=calib
+            )
             s = score(onnx_logits(model, xv), ref)
             report["methods"][method] = s
             log.info("int8 %s on val: %s", method, s)

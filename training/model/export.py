@@ -321,8 +321,13 @@ def _build_int8(checkpoint: Path, fp32: Path, out: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(out)
-    log.info("quantized %s -> %s (%.1f%% labels differ on %d check images)",
-             checkpoint, out, 100 * share, len(arrays))  # fmt: skip
+    log.info(
+        "quantized %s -> %s (%.1f%% labels differ on %d check images)",
+        checkpoint,
+        out,
+        100 * share,
+        len(arrays),
+    )
 
 
 def cached_onnx(

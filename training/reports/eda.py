@@ -94,8 +94,9 @@ def foreground_box(img: Image.Image) -> tuple[tuple[int, int, int, int] | None, 
     a = np.asarray(img.filter(ImageFilter.GaussianBlur(1)), dtype=np.float32)
     gy, gx = np.gradient(a.mean(axis=2))
     chroma = a.max(axis=2) - a.min(axis=2)
-    border = np.concatenate([chroma[:2].ravel(), chroma[-2:].ravel(),
-                             chroma[:, :2].ravel(), chroma[:, -2:].ravel()])  # fmt: skip
+    border = np.concatenate(
+        [chroma[:2].ravel(), chroma[-2:].ravel(), chroma[:, :2].ravel(), chroma[:, -2:].ravel()]
+    )
     mask = (np.hypot(gx, gy) > FG_EDGE) | (chroma > np.median(border) + FG_CHROMA)
     rows = np.nonzero(mask.mean(axis=1) > FG_LINE_SHARE)[0]
     cols = np.nonzero(mask.mean(axis=0) > FG_LINE_SHARE)[0]
@@ -333,41 +334,60 @@ def _charts(
     by_class = {c: [s for s in ok if s.label == c] for c in classes}
     ch: dict[str, Path] = {}
     ch["class_counts"] = viz.bar_chart(
-        summary["class_counts"], out / "class_counts.png",
-        title=f"images per class (imbalance ratio {summary['imbalance_ratio']})", ylabel="images",
-    )  # fmt: skip
+        summary["class_counts"],
+        out / "class_counts.png",
+        title=f"images per class (imbalance ratio {summary['imbalance_ratio']})",
+        ylabel="images",
+    )
     ch["image_sizes"] = viz.scatter(
         {c: ([s.width for s in v], [s.height for s in v]) for c, v in by_class.items()},
-        out / "image_sizes.png", title="image width and height", xlabel="width (px)",
+        out / "image_sizes.png",
+        title="image width and height",
+        xlabel="width (px)",
         ylabel="height (px)",
-    )  # fmt: skip
+    )
     ch["aspect"] = viz.histogram(
-        [s.aspect for s in ok], out / "aspect.png", title="aspect ratio (width / height)",
-        xlabel="width / height", bins=30,
-    )  # fmt: skip
+        [s.aspect for s in ok],
+        out / "aspect.png",
+        title="aspect ratio (width / height)",
+        xlabel="width / height",
+        bins=30,
+    )
     ch["bbox_size"] = viz.scatter(
-        {c: ([s.bbox_width for s in v if s.bbox], [s.bbox_height for s in v if s.bbox])
-         for c, v in by_class.items()},
-        out / "bbox_size.png", title="foreground box width and height", xlabel="box width (px)",
+        {
+            c: ([s.bbox_width for s in v if s.bbox], [s.bbox_height for s in v if s.bbox])
+            for c, v in by_class.items()
+        },
+        out / "bbox_size.png",
+        title="foreground box width and height",
+        xlabel="box width (px)",
         ylabel="box height (px)",
-    )  # fmt: skip
+    )
     ch["bbox_coverage"] = viz.box_by_class(
         {c: [s.bbox_coverage for s in v if s.bbox] for c, v in by_class.items()},
-        out / "bbox_coverage.png", title="foreground box: share of the frame",
+        out / "bbox_coverage.png",
+        title="foreground box: share of the frame",
         ylabel="box area / image area",
-    )  # fmt: skip
+    )
     ch["bbox_coverage_hist"] = viz.histogram(
-        [s.bbox_coverage for s in ok if s.bbox], out / "bbox_coverage_hist.png",
-        title="foreground box coverage, all images", xlabel="box area / image area", bins=30,
-    )  # fmt: skip
+        [s.bbox_coverage for s in ok if s.bbox],
+        out / "bbox_coverage_hist.png",
+        title="foreground box coverage, all images",
+        xlabel="box area / image area",
+        bins=30,
+    )
     ch["brightness"] = viz.box_by_class(
-        {c: [s.brightness for s in v] for c, v in by_class.items()}, out / "brightness.png",
-        title="brightness per class (mean luma)", ylabel="mean luma (0-255)",
-    )  # fmt: skip
+        {c: [s.brightness for s in v] for c, v in by_class.items()},
+        out / "brightness.png",
+        title="brightness per class (mean luma)",
+        ylabel="mean luma (0-255)",
+    )
     ch["contrast"] = viz.box_by_class(
-        {c: [s.contrast for s in v] for c, v in by_class.items()}, out / "contrast.png",
-        title="contrast per class (RMS: std of luma)", ylabel="std of luma (0-255)",
-    )  # fmt: skip
+        {c: [s.contrast for s in v] for c, v in by_class.items()},
+        out / "contrast.png",
+        title="contrast per class (RMS: std of luma)",
+        ylabel="std of luma (0-255)",
+    )
     rows = []
     for c in classes:
         v = by_class[c]
@@ -390,8 +410,10 @@ def _charts(
 
 def _page(s: dict, ch: dict[str, Path]) -> viz.Page:
     classes = s["classes"]
-    page = viz.Page(f"EDA of {Path(s['root']).name}", f"{s['root']}: {s['n_images']} images, "
-                    f"{len(classes)} classes, {s['seconds']} s")  # fmt: skip
+    page = viz.Page(
+        f"EDA of {Path(s['root']).name}",
+        f"{s['root']}: {s['n_images']} images, {len(classes)} classes, {s['seconds']} s",
+    )
     page.h2("Images per class")
     total = max(1, s["n_images"])
     page.table(
@@ -415,42 +437,67 @@ def _page(s: dict, ch: dict[str, Path]) -> viz.Page:
                 ("aspect w/h", "aspect"),
                 ("file size (bytes)", "file_bytes"),
             )
-        ],  # fmt: skip
+        ],
     )
     page.figures([(ch["image_sizes"], "width and height"), (ch["aspect"], "aspect ratio")])
 
     page.h2("Foreground box (object against the background)")
-    page.p("Heuristic: foreground = pixels on an edge (luma gradient over "
-           f"{FG_EDGE:g}) or more coloured than the image border (chroma over the border's "
-           f"median + {FG_CHROMA:g}), measured at about 96x128; the box spans rows and columns "
-           f"with over {FG_LINE_SHARE:.0%} foreground. Red boxes in the sample grid show it.")  # fmt: skip
+    page.p(
+        "Heuristic: foreground = pixels on an edge (luma gradient over "
+        f"{FG_EDGE:g}) or more coloured than the image border (chroma over the border's "
+        f"median + {FG_CHROMA:g}), measured at about 96x128; the box spans rows and columns "
+        f"with over {FG_LINE_SHARE:.0%} foreground. Red boxes in the sample grid show it."
+    )
     page.table(
-        ["class", "box width (median)", "box height (median)", "box area (median)",
-         "coverage mean", "coverage median"],
         [
-            (c, s["bbox_width"][c].get("median"), s["bbox_height"][c].get("median"),
-             s["bbox_area"][c].get("median"), s["bbox_coverage"][c].get("mean"),
-             s["bbox_coverage"][c].get("median"))
+            "class",
+            "box width (median)",
+            "box height (median)",
+            "box area (median)",
+            "coverage mean",
+            "coverage median",
+        ],
+        [
+            (
+                c,
+                s["bbox_width"][c].get("median"),
+                s["bbox_height"][c].get("median"),
+                s["bbox_area"][c].get("median"),
+                s["bbox_coverage"][c].get("mean"),
+                s["bbox_coverage"][c].get("median"),
+            )
             for c in [*classes, "all"]
         ],
-    )  # fmt: skip
+    )
     if s["no_foreground"]:
-        page.p(f"{len(s['no_foreground'])} images with no foreground found (left out of the "
-               "box figures; often an object filling the whole frame): "
-               + ", ".join(s["no_foreground"][:20]), "warn")  # fmt: skip
-    page.figures([(ch["bbox_size"], "box width and height"),
-                  (ch["bbox_coverage"], "coverage per class"),
-                  (ch["bbox_coverage_hist"], "coverage, all images")])  # fmt: skip
+        page.p(
+            f"{len(s['no_foreground'])} images with no foreground found (left out of the "
+            "box figures; often an object filling the whole frame): "
+            + ", ".join(s["no_foreground"][:20]),
+            "warn",
+        )
+    page.figures(
+        [
+            (ch["bbox_size"], "box width and height"),
+            (ch["bbox_coverage"], "coverage per class"),
+            (ch["bbox_coverage_hist"], "coverage, all images"),
+        ]
+    )
 
     page.h2("Brightness and contrast")
     page.table(
         ["class", "brightness mean", "brightness std", "contrast mean", "contrast std"],
         [
-            (c, s["brightness"][c].get("mean"), s["brightness"][c].get("std"),
-             s["contrast"][c].get("mean"), s["contrast"][c].get("std"))
+            (
+                c,
+                s["brightness"][c].get("mean"),
+                s["brightness"][c].get("std"),
+                s["contrast"][c].get("mean"),
+                s["contrast"][c].get("std"),
+            )
             for c in [*classes, "all"]
         ],
-    )  # fmt: skip
+    )
     page.figures([(ch["brightness"], "brightness"), (ch["contrast"], "contrast")])
 
     page.h2("Integrity")
@@ -465,27 +512,41 @@ def _page(s: dict, ch: dict[str, Path]) -> viz.Page:
 
     page.h2("Exact duplicates (identical bytes)")
     ex = s["exact_duplicates"]
-    page.p(f"{ex['groups']} sets of identical files, {ex['cross_class']} of them filed under "
-           "more than one class.", "warn" if ex["cross_class"] else "")  # fmt: skip
+    page.p(
+        f"{ex['groups']} sets of identical files, {ex['cross_class']} of them filed under "
+        "more than one class.",
+        "warn" if ex["cross_class"] else "",
+    )
     if ex["items"]:
         page.table(
             ["files", "classes", "cross-class"],
-            [(" = ".join(d["files"]), ", ".join(d["classes"]), "yes" if d["cross_class"] else "")
-             for d in ex["items"]],
+            [
+                (" = ".join(d["files"]), ", ".join(d["classes"]), "yes" if d["cross_class"] else "")
+                for d in ex["items"]
+            ],
             left=3,
-        )  # fmt: skip
+        )
 
     page.h2("Near-duplicates (perceptual hash)")
     nd = s["near_duplicates"]
-    page.p(f"{nd['groups']} groups ({nd['method']}), {nd['images_in_groups']} images; "
-           f"{nd['groups_not_byte_identical']} are not just byte-identical copies; "
-           f"{nd['cross_class']} span two classes. Keep each group on one side of a split.")  # fmt: skip
+    page.p(
+        f"{nd['groups']} groups ({nd['method']}), {nd['images_in_groups']} images; "
+        f"{nd['groups_not_byte_identical']} are not just byte-identical copies; "
+        f"{nd['cross_class']} span two classes. Keep each group on one side of a split."
+    )
     page.table(
         ["files", "classes", "max distance", "cross-class"],
-        [(" ~ ".join(d["files"]), ", ".join(d["classes"]), d["max_distance"],
-          "yes" if d["cross_class"] else "") for d in nd["items"]],
+        [
+            (
+                " ~ ".join(d["files"]),
+                ", ".join(d["classes"]),
+                d["max_distance"],
+                "yes" if d["cross_class"] else "",
+            )
+            for d in nd["items"]
+        ],
         left=2,
-    )  # fmt: skip
+    )
     if "near_duplicates" in ch:
         page.figure(ch["near_duplicates"], "near-duplicate groups (cross-class first, up to 12)")
 

@@ -21,8 +21,16 @@ from training.reports import charts as viz
 log = logging.getLogger(__name__)
 
 CONFIG_KEYS = (
-    "arch", "mode", "augment", "balance", "pretrained", "seed", "split_seed", "seconds", "ran_on",
-)  # fmt: skip
+    "arch",
+    "mode",
+    "augment",
+    "balance",
+    "pretrained",
+    "seed",
+    "split_seed",
+    "seconds",
+    "ran_on",
+)
 
 
 class RunError(SortlineError, ValueError):
@@ -87,8 +95,11 @@ def _num(v: str):
 
 def _metrics(run: dict) -> dict:
     """The run's metrics: metrics.json, else the summary's, else the checkpoint's."""
-    for src in (run["metrics"], (run["summary"] or {}).get("metrics"),
-                (run["meta"] or {}).get("metrics")):  # fmt: skip
+    for src in (
+        run["metrics"],
+        (run["summary"] or {}).get("metrics"),
+        (run["meta"] or {}).get("metrics"),
+    ):
         if src:
             return src
     return {}
@@ -128,9 +139,11 @@ def _confusion_png(run: dict, out: Path, prefix: str = "") -> Path | None:
     classes = list(test.get("per_class") or (run["meta"] or {}).get("classes") or [])
     if test.get("confusion") and classes:
         return viz.confusion_png(
-            test["confusion"], classes, out / f"{prefix}confusion_matrix.png",
+            test["confusion"],
+            classes,
+            out / f"{prefix}confusion_matrix.png",
             title=f"{run['name']}: test (acc {test.get('accuracy', float('nan')):.3f})",
-        )  # fmt: skip
+        )
     src = run["pngs"].get("confusion_matrix")
     if src:
         dst = out / f"{prefix}confusion_matrix.png"
@@ -160,8 +173,10 @@ def run_report(run_dir: str | Path, out: str | Path) -> Path:
     page.h2("Configuration")
     if run["meta"]:
         page.table(list(cfg), [list(cfg.values())], left=len(cfg))
-        page.p(f"model {run['meta'].get('name')}:{run['meta'].get('version')}, "
-               f"temperature {viz.fmt(run['meta'].get('temperature'))}")  # fmt: skip
+        page.p(
+            f"model {run['meta'].get('name')}:{run['meta'].get('version')}, "
+            f"temperature {viz.fmt(run['meta'].get('temperature'))}"
+        )
     else:
         page.p("No model.safetensors: the configuration is unknown.", "warn")
 
@@ -171,27 +186,39 @@ def run_report(run_dir: str | Path, out: str | Path) -> Path:
         page.table(["split", "n", "accuracy", "macro-F1", "ECE"], rows)
         ci = (m.get("test") or {}).get("intervals")
         if ci:
-            page.p(f"Test, bootstrap {ci['level']:.0%} intervals ({ci['resamples']} resamples): "
-                   f"accuracy {ci['accuracy']}, macro-F1 {ci['macro_f1']}; F1 per class: "
-                   + ", ".join(f"{c} {v}" for c, v in ci["per_class_f1"].items()))  # fmt: skip
+            page.p(
+                f"Test, bootstrap {ci['level']:.0%} intervals ({ci['resamples']} resamples): "
+                f"accuracy {ci['accuracy']}, macro-F1 {ci['macro_f1']}; F1 per class: "
+                + ", ".join(f"{c} {v}" for c, v in ci["per_class_f1"].items())
+            )
     else:
         page.p("No metrics.json or summary.json.", "warn")
     cal = m.get("calibration")
     if cal:
-        page.p(f"Temperature {viz.fmt(cal.get('temperature'))} fitted on {cal.get('split')}: "
-               f"ECE {viz.fmt(cal.get('ece_before'), 4)} -> {viz.fmt(cal.get('ece_after'), 4)}, "
-               f"NLL {viz.fmt(cal.get('nll_before'), 4)} -> {viz.fmt(cal.get('nll_after'), 4)}")  # fmt: skip
+        page.p(
+            f"Temperature {viz.fmt(cal.get('temperature'))} fitted on {cal.get('split')}: "
+            f"ECE {viz.fmt(cal.get('ece_before'), 4)} -> {viz.fmt(cal.get('ece_after'), 4)}, "
+            f"NLL {viz.fmt(cal.get('nll_before'), 4)} -> {viz.fmt(cal.get('nll_after'), 4)}"
+        )
     per = (m.get("test") or {}).get("per_class")
     if per:
         page.table(
             ["class (test)", "precision", "recall", "f1", "support"],
-            [(c, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support"))
-             for c, v in per.items()],
-        )  # fmt: skip
+            [
+                (c, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support"))
+                for c, v in per.items()
+            ],
+        )
 
     page.h2("Curves and confusion matrix")
-    figs = [(p, cap) for p, cap in ((_curves_png(run, out), "training curves"),
-                                    (_confusion_png(run, out), "test confusion matrix")) if p]  # fmt: skip
+    figs = [
+        (p, cap)
+        for p, cap in (
+            (_curves_png(run, out), "training curves"),
+            (_confusion_png(run, out), "test confusion matrix"),
+        )
+        if p
+    ]
     for png, caption in figs:
         page.figure(png, caption)
     if not figs:
@@ -204,9 +231,12 @@ def run_report(run_dir: str | Path, out: str | Path) -> Path:
         page.h2("Robustness (test split, corrupted copies)")
         page.table(
             ["corruption", "accuracy", "macro-F1"],
-            [(k, v.get("accuracy"), v.get("macro_f1"))
-             for k, v in rob["per_corruption"].items() if isinstance(v, dict)],
-        )  # fmt: skip
+            [
+                (k, v.get("accuracy"), v.get("macro_f1"))
+                for k, v in rob["per_corruption"].items()
+                if isinstance(v, dict)
+            ],
+        )
 
     mf = run["manifest"]
     if mf and isinstance(mf.get("counts"), dict):
@@ -214,11 +244,16 @@ def run_report(run_dir: str | Path, out: str | Path) -> Path:
         classes = mf.get("classes") or sorted({c for v in mf["counts"].values() for c in v})
         page.table(
             ["split", *classes, "total"],
-            [(sp, *(v.get(c, 0) for c in classes), sum(v.values())) for sp, v in mf["counts"].items()],
-        )  # fmt: skip
-        page.p(f"{mf.get('duplicate_groups', '?')} near-duplicate groups kept on one side; "
-               f"{len(mf.get('skipped') or [])} unreadable files skipped; manifest sha256 "
-               f"{mf.get('manifest_sha256', '?')[:16]}")  # fmt: skip
+            [
+                (sp, *(v.get(c, 0) for c in classes), sum(v.values()))
+                for sp, v in mf["counts"].items()
+            ],
+        )
+        page.p(
+            f"{mf.get('duplicate_groups', '?')} near-duplicate groups kept on one side; "
+            f"{len(mf.get('skipped') or [])} unreadable files skipped; manifest sha256 "
+            f"{mf.get('manifest_sha256', '?')[:16]}"
+        )
     return page.write(out / "run.html")
 
 
@@ -231,17 +266,43 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             r["name"] = f"{Path(r['dir']).parent.name}/{r['name']}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header = ["run", "arch", "mode", "augment", "balance", "epochs", "val acc", "test acc",
-              "test macro-F1", "test ECE", "corrupted acc", "seconds", "split"]  # fmt: skip
+    header = [
+        "run",
+        "arch",
+        "mode",
+        "augment",
+        "balance",
+        "epochs",
+        "val acc",
+        "test acc",
+        "test macro-F1",
+        "test ECE",
+        "corrupted acc",
+        "seconds",
+        "split",
+    ]
     rows, scores = [], {}
     for r in runs:
         m, c = _metrics(r), _config(r)
         val, test = m.get("val") or {}, m.get("test") or {}
         rob = (m.get("test_robustness") or r["robustness"] or {}).get("mean_corrupted") or {}
-        rows.append((r["name"], c["arch"], c["mode"], c["augment"], c["balance"], c.get("epochs"),
-                     val.get("accuracy"), test.get("accuracy"), test.get("macro_f1"),
-                     test.get("ece"), rob.get("accuracy"), c["seconds"],
-                     ((r["manifest"] or {}).get("manifest_sha256") or "-")[:8]))  # fmt: skip
+        rows.append(
+            (
+                r["name"],
+                c["arch"],
+                c["mode"],
+                c["augment"],
+                c["balance"],
+                c.get("epochs"),
+                val.get("accuracy"),
+                test.get("accuracy"),
+                test.get("macro_f1"),
+                test.get("ece"),
+                rob.get("accuracy"),
+                c["seconds"],
+                ((r["manifest"] or {}).get("manifest_sha256") or "-")[:8],
+            )
+        )
         if test.get("accuracy") is not None:
             scores[r["name"]] = test["accuracy"]
     page = viz.Page(f"Comparison of {len(runs)} runs", ", ".join(str(d) for d in run_dirs))
@@ -249,15 +310,21 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     page.table(header, rows, left=5)
     if scores:
         best = max(scores, key=scores.get)
-        page.p(f"Best test accuracy: {best} ({scores[best]:.3f}). Compare runs with the same "
-               "split (the last column: the first digits of the split manifest's sha256).")  # fmt: skip
-        chart = viz.bar_chart(scores, out / "test_accuracy.png", title="test accuracy per run",
-                              ylabel="accuracy")  # fmt: skip
+        page.p(
+            f"Best test accuracy: {best} ({scores[best]:.3f}). Compare runs with the same "
+            "split (the last column: the first digits of the split manifest's sha256)."
+        )
+        chart = viz.bar_chart(
+            scores, out / "test_accuracy.png", title="test accuracy per run", ylabel="accuracy"
+        )
         page.figure(chart, "test accuracy per run")
     shas = {r["name"]: (r["manifest"] or {}).get("manifest_sha256") for r in runs}
     if len({s for s in shas.values() if s}) > 1:
-        page.p("The runs used different splits (manifest sha256 differ): their test figures are "
-               "not directly comparable.", "warn")  # fmt: skip
+        page.p(
+            "The runs used different splits (manifest sha256 differ): their test figures are "
+            "not directly comparable.",
+            "warn",
+        )
     per = {r["name"]: (_metrics(r).get("test") or {}).get("per_class") or {} for r in runs}
     classes = list(dict.fromkeys(c for v in per.values() for c in v))
     if classes:

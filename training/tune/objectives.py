@@ -57,9 +57,14 @@ def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> 
     spec = resolve_preprocess(conf.arch, conf.resize, conf.crop)
     views = conf.aug_views if (conf.mode == "frozen" and conf.frozen_augment != "none") else 0
     key = {
-        "arch": conf.arch, "pretrained": conf.pretrained, "manifest_sha256": sha,
-        "spec": spec.to_dict(), "augment": conf.frozen_augment, "views": views, "seed": conf.seed,
-    }  # fmt: skip
+        "arch": conf.arch,
+        "pretrained": conf.pretrained,
+        "manifest_sha256": sha,
+        "spec": spec.to_dict(),
+        "augment": conf.frozen_augment,
+        "views": views,
+        "seed": conf.seed,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     bundle = cache_dir / "tune" / f"{conf.arch}-{digest}.npz"
     if bundle.exists():
@@ -72,9 +77,17 @@ def prepare_features(conf: StudyConfig, cache_dir: str | Path | None = None) -> 
     model = create_model(conf.arch, num_classes=len(ds.classes), pretrained=conf.pretrained)
     model = model.to(memory_format=torch.channels_last).eval()
     feats = frozen_features(
-        model, images, spec, arch=conf.arch, pretrained=conf.pretrained, manifest_sha256=sha,
-        augment=conf.frozen_augment, views=views, seed=conf.seed, cache_dir=cache_dir,
-    )  # fmt: skip
+        model,
+        images,
+        spec,
+        arch=conf.arch,
+        pretrained=conf.pretrained,
+        manifest_sha256=sha,
+        augment=conf.frozen_augment,
+        views=views,
+        seed=conf.seed,
+        cache_dir=cache_dir,
+    )
     bundle.parent.mkdir(parents=True, exist_ok=True)
     tmp = bundle.with_suffix(".tmp.npz")
     np.savez(
@@ -185,8 +198,15 @@ def objective_finetune(trial: optuna.Trial, conf: StudyConfig, raw_conf: dict) -
         lin.weight.copy_(probe.weight)
         lin.bias.copy_(probe.bias)
     _, history = train_finetune(
-        model, d["train"], d["y_train"], d["val"], d["y_val"], d["spec"], params,
-        num_classes=len(d["classes"]), on_epoch=_pruning_reporter(trial),
-    )  # fmt: skip
+        model,
+        d["train"],
+        d["y_train"],
+        d["val"],
+        d["y_val"],
+        d["spec"],
+        params,
+        num_classes=len(d["classes"]),
+        on_epoch=_pruning_reporter(trial),
+    )
     trial.set_user_attr("val_acc", history[-1]["val_acc"])
     return history[-1][OBJECTIVE]

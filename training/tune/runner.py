@@ -179,11 +179,20 @@ def run_config(conf: StudyConfig, **kw):
 
     augment = conf.frozen_augment if conf.mode == "frozen" else conf.augment
     return RunConfig(
-        data=conf.data, out=kw.pop("out", ""), arch=conf.arch, mode=conf.mode,
-        pretrained=conf.pretrained, augment=augment, aug_views=conf.aug_views,
-        balance=conf.balance, seed=conf.seed, split_seed=conf.split_seed, resize=conf.resize,
-        crop=conf.crop, **kw,
-    )  # fmt: skip
+        data=conf.data,
+        out=kw.pop("out", ""),
+        arch=conf.arch,
+        mode=conf.mode,
+        pretrained=conf.pretrained,
+        augment=augment,
+        aug_views=conf.aug_views,
+        balance=conf.balance,
+        seed=conf.seed,
+        split_seed=conf.split_seed,
+        resize=conf.resize,
+        crop=conf.crop,
+        **kw,
+    )
 
 
 def run_config_from_study(study_name: str, *, out: str, url: str | None = None, **overrides):

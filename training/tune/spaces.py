@@ -46,18 +46,27 @@ def frozen_params(conf: StudyConfig, params: dict):
     from training.fit.train import FrozenParams
 
     return FrozenParams(
-        lr=params["lr"], weight_decay=params["weight_decay"], batch_size=params["batch_size"],
-        step_size=params["step_size"], gamma=params["gamma"], epochs=conf.epochs,
-        balance=conf.balance, seed=conf.seed,
-    )  # fmt: skip
+        lr=params["lr"],
+        weight_decay=params["weight_decay"],
+        batch_size=params["batch_size"],
+        step_size=params["step_size"],
+        gamma=params["gamma"],
+        epochs=conf.epochs,
+        balance=conf.balance,
+        seed=conf.seed,
+    )
 
 
 def finetune_params(conf: StudyConfig, params: dict):
     from training.fit.train import FinetuneParams
 
     return FinetuneParams(
-        epochs=params["epochs"], lr=params["lr"],
+        epochs=params["epochs"],
+        lr=params["lr"],
         backbone_lr=params["lr"] * params["backbone_lr_mult"],
-        weight_decay=params["weight_decay"], label_smoothing=params["label_smoothing"],
-        augment=params["augment"], balance=conf.balance, seed=conf.seed,
-    )  # fmt: skip
+        weight_decay=params["weight_decay"],
+        label_smoothing=params["label_smoothing"],
+        augment=params["augment"],
+        balance=conf.balance,
+        seed=conf.seed,
+    )

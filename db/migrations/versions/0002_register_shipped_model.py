@@ -35,7 +35,7 @@ def _models_table() -> sa.Table:
         sa.column("sha256", sa.String), sa.column("classes", json_type),
         sa.column("metrics", json_type), sa.column("active", sa.Boolean),
         sa.column("created_at", sa.DateTime(timezone=True)),
-    )  # fmt: skip
+    )
 
 
 def _shipped_meta() -> dict | None:
@@ -68,7 +68,7 @@ def upgrade() -> None:
         "path": str(SHIPPED), "sha256": hashlib.sha256(SHIPPED.read_bytes()).hexdigest(),
         "classes": meta["classes"], "metrics": meta.get("metrics", {}),
         "active": not any_active, "created_at": datetime.now(UTC),
-    }])  # fmt: skip
+    }])
 
 
 def downgrade() -> None:
