@@ -44,6 +44,9 @@ from sortline.commands.options import DEFAULT_CHECKPOINT, cache_dir_option
 )
 @cache_dir_option
 @click.option("--activate", is_flag=True, help="Make the new version the active model.")
+@click.option(
+    "--force", is_flag=True, help="With --activate: even below the active model's val macro-F1."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def adapt(
     reviewed: Path,
@@ -53,6 +56,7 @@ def adapt(
     replay: int | None,
     cache_dir: Path | None,
     activate: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Teach a model a site's reviewed photos (--reviewed DIR) in minutes; register the new version."""
@@ -67,7 +71,7 @@ def adapt(
     if activate:
         from sortline.commands.models import activate as activate_model
 
-        summary["activated"] = activate_model(summary["registered"])
+        summary["activated"] = activate_model(summary["registered"], force=force)
     if as_json:
         click.echo(json.dumps(summary))
         return
