@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -97,3 +98,24 @@ def test_adapt_without_the_training_data_says_what_to_do(base, tmp_path):
     r = CliRunner().invoke(cli, ["adapt", "--reviewed", str(reviewed), "--base",
                                  str(base["checkpoint"]), "--data", str(other)])  # fmt: skip
     assert r.exit_code == 1 and "pass --data with the dataset it was trained on" in r.output
+
+
+def test_adapt_registers_a_candidate_and_activate_promotes_it(
+    base, tmp_path, sqlite_url, monkeypatch
+):
+    monkeypatch.setenv("SORTLINE_DATABASE_URL", sqlite_url)
+    reviewed = _reviewed(base, tmp_path / "reviewed")
+    args = ["adapt", "--reviewed", str(reviewed), "--base", str(base["checkpoint"]),
+            "--cache-dir", str(base["root"] / "cache")]  # fmt: skip
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "sortline-trashnet:1.0.1 from sortline-trashnet:1.0.0" in r.output
+    assert (
+        "`sortline models activate sortline-trashnet:1.0.1` makes it the active model" in r.output
+    )
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--activate", "--force"])
+    assert r.exit_code == 0, r.output  # 1.0.1 is taken: the next version
+    assert "sortline-trashnet:1.0.2 is the active model" in r.output
+    rows = {d["model"]: d["active"] for d in map(json.loads, CliRunner().invoke(
+        cli, ["models", "--json"]).output.splitlines())}  # fmt: skip
+    assert rows["sortline-trashnet:1.0.1"] is False and rows["sortline-trashnet:1.0.2"] is True
