@@ -25,7 +25,7 @@ SHIFTS = ("scene", "zoom_out_0.6", "crop_0.6", "dark", "background_wood")
 def features_of(checkpoint: Path, data: Path, cache: Path) -> dict[str, np.ndarray]:
     """Pooled features and logits of every split and every shift (cached)."""
     from training.data.dataset import load_resized, load_split, manifest_sha256
-    from training.data.features import cached_features, extract
+    from training.data.features import cached_features, extract, split_features
     from training.fit.robustness import corrupt
     from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec
     from training.model.factory import head_module
@@ -34,23 +34,20 @@ def features_of(checkpoint: Path, data: Path, cache: Path) -> dict[str, np.ndarr
     model = model.to(memory_format=torch.channels_last).eval()
     spec = preprocess_spec(meta)
     ds = load_split(data, seed=0)
-    key = {"arch": meta["arch"], "checkpoint": file_sha256(checkpoint),
-           "manifest_sha256": manifest_sha256(ds), "shifts": list(SHIFTS)}  # fmt: skip
+    sha = file_sha256(checkpoint)
+    feats = split_features(model, sha, meta["arch"], spec, ds, cache)
+    key = {"arch": meta["arch"], "checkpoint": sha, "manifest_sha256": manifest_sha256(ds),
+           "shifts": list(SHIFTS), "test_only": True}  # fmt: skip
 
     def compute() -> dict[str, np.ndarray]:
+        test = load_resized(ds, ds.split("test"), short_side=spec.resize, cache_dir=cache)
         out = {}
-        imgs = {}
-        for sp in ("train", "val", "test"):
-            samples = ds.split(sp)
-            imgs[sp] = load_resized(ds, samples, short_side=spec.resize, cache_dir=cache)
-            out[f"{sp}_x"] = extract(model, imgs[sp], spec)
-            out[f"{sp}_y"] = np.array([ds.label_index(s) for s in samples])
         for name in SHIFTS:
-            pil = corrupt(imgs["test"], name)
+            pil = corrupt(test, name)
             out[f"{name}_x"] = extract(model, [np.asarray(p.convert("RGB")) for p in pil], spec)
         return out
 
-    feats = cached_features(key, compute, cache)
+    feats = {**feats, **cached_features(key, compute, cache)}
     head = head_module(model).float()
     with torch.no_grad():
         logits = {k[:-2]: head(torch.from_numpy(v)).numpy()

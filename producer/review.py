@@ -42,6 +42,22 @@ def _classes(session, job_id: str) -> list[str]:
     return list(probs or {})
 
 
+def _image_bytes(ref: str, sha: str | None) -> bytes:
+    """A result's image: the file it names, or submitted bytes kept in SORTLINE_BYTES_DIR."""
+    if Path(ref).is_absolute():
+        return read_stored_ref(ref)
+    from worker import bytes_store
+    from worker.config import get_worker_settings
+
+    kept = bytes_store.find(get_worker_settings().bytes_dir, sha)
+    if kept is None:
+        raise InputError(
+            "sent as bytes and not kept (set SORTLINE_BYTES_DIR on the workers and here; "
+            "or it was pruned beyond SORTLINE_BYTES_KEEP_MB)"
+        )
+    return kept.read_bytes()
+
+
 def export_review(
     job_id: str, out: str | Path, *, threshold: float | None = None, url: str | None = None
 ) -> dict:
@@ -73,8 +89,8 @@ def export_review(
     for position, ref, label, confidence, sha in rows:
         name = f"{position:06d}_{Path(ref).name}"
         try:  # under the workers' rules: allowed roots, a regular file, the size limit
-            (out / label / name).write_bytes(read_stored_ref(ref))
-        except (InputError, OSError) as e:  # bytes submitted without a file, moved, refused
+            (out / label / name).write_bytes(_image_bytes(ref, sha))
+        except (InputError, OSError) as e:  # bytes not kept or pruned, a file moved, refused
             skipped.append({"position": position, "ref": ref, "reason": str(e)})
             continue
         items.append({"position": position, "file": name, "label": label,

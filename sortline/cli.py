@@ -98,6 +98,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "report:report",
         "Write an HTML report of a finished job (JOB: id, prefix or 'latest'), or of runs.",
     ),
+    "adapt": (
+        "adapt:adapt",
+        "Teach a model a site's reviewed photos (--reviewed DIR) in minutes; register the new version.",
+    ),
     "review": (
         "review:review",
         "Review doubtful results: export them into class folders, move misfiled ones, import.",

@@ -123,6 +123,16 @@ def _prepare(data: bytes, spec, *, max_pixels: int) -> np.ndarray:
     return preprocess(img, spec)
 
 
+def _keep_bytes(s, sha: str, data: bytes) -> None:
+    """Keep submitted bytes for `review export` (SORTLINE_BYTES_DIR); a full disk only warns."""
+    from worker import bytes_store
+
+    try:
+        bytes_store.keep(s.bytes_dir, sha, data, max_bytes=s.bytes_keep_mb * 2**20)
+    except OSError as e:
+        log.warning("could not keep the bytes of %s in %s: %s", sha[:12], s.bytes_dir, e)
+
+
 def _classify_chunk(todo: list[Item], clf, batcher, *, worker: str | None) -> list[dict[str, Any]]:
     s = get_worker_settings()
     roots = s.resolved_roots()
@@ -135,6 +145,8 @@ def _classify_chunk(todo: list[Item], clf, batcher, *, worker: str | None) -> li
         try:
             data = read_item(it, roots=roots, max_bytes=s.max_image_bytes)
             sha = sha256_hex(data)
+            if it.data_b64 is not None and s.bytes_dir:
+                _keep_bytes(s, sha, data)
             arrays.append(_prepare(data, clf.spec, max_pixels=s.max_image_pixels))
             pending.append((it, sha, (time.perf_counter() - t0) * 1000))
         except (InputError, ImageError) as e:

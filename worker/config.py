@@ -26,6 +26,8 @@ class WorkerSettings(SortlineSettings):
     allowed_roots: Annotated[list[str], NoDecode] = []  # empty: any path; split below
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 50_000_000
+    bytes_dir: str = ""  # keep submitted bytes here, content-addressed ('' : not kept)
+    bytes_keep_mb: int = 1024  # ... pruning the least recently submitted beyond this
     visibility_timeout: int = 3600
     task_time_limit: int = 300
     task_max_retries: int = 5

@@ -97,8 +97,10 @@ def class_folders(root: Path) -> list[str]:
     return classes
 
 
-def scan_imagefolder(root: str | Path) -> Dataset:
-    """Read an ImageFolder tree (one folder per class); hash every image, skip corrupt ones."""
+def scan_imagefolder(root: str | Path, *, allow_empty: bool = False) -> Dataset:
+    """Read an ImageFolder tree (one folder per class); hash every image, skip corrupt ones.
+
+    With *allow_empty*, class folders without images are allowed (a review export's)."""
     root = Path(root)
     classes = class_folders(root)
     samples, skipped = [], []
@@ -120,7 +122,7 @@ def scan_imagefolder(root: str | Path) -> Dataset:
     if not samples:
         raise DatasetError(f"{root} holds no readable images")
     empty = [c for c in classes if not any(s.label == c for s in samples)]
-    if empty:
+    if empty and not allow_empty:
         raise DatasetError(f"class folders without readable images: {', '.join(empty)}")
     return Dataset(root, classes, samples, skipped)
 

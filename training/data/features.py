@@ -124,3 +124,30 @@ def frozen_features(
         aug_key = {**key, "augment": augment, "views": views, "seed": seed}
         out = {**out, **cached_features(aug_key, compute, cache_dir)}
     return out
+
+
+def split_features(
+    model: torch.nn.Module,
+    checkpoint_sha256: str,
+    arch: str,
+    spec: PreprocessSpec,
+    dataset,
+    cache_dir: str | Path,
+) -> dict[str, np.ndarray]:
+    """A checkpoint's pooled features and labels on every split of *dataset* (``train_x``,
+    ``train_y``, ...), cached under the checkpoint's sha256, the manifest and the preprocessing."""
+    from training.data.dataset import SPLITS, load_resized, manifest_sha256
+
+    key = {"arch": arch, "checkpoint": checkpoint_sha256,
+           "manifest_sha256": manifest_sha256(dataset), "preprocess": spec_key(spec)}  # fmt: skip
+
+    def compute() -> dict[str, np.ndarray]:
+        out = {}
+        for sp in SPLITS:
+            samples = dataset.split(sp)
+            imgs = load_resized(dataset, samples, short_side=spec.resize, cache_dir=Path(cache_dir))
+            out[f"{sp}_x"] = extract(model, imgs, spec)
+            out[f"{sp}_y"] = np.array([dataset.label_index(s) for s in samples], np.int64)
+        return out
+
+    return cached_features(key, compute, cache_dir)

@@ -54,6 +54,18 @@ def _scene(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return jpeg(im, 40)
 
 
+def _site(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A "new site" proxy: one plant camera, the object small on a tiled floor, under a
+    cold fluorescent cast, dim, slightly out of focus and strongly compressed; the same for
+    every photo, as a site's own photos are (``bench/adapt.py``)."""
+    im = zoom_out(im, float(rng.uniform(0.4, 0.55)), "tiles", rng)
+    im = relight(im, float(rng.uniform(0.55, 0.7)), 1.1, (0.85, 1.05, 1.2))
+    return jpeg(im.filter(ImageFilter.GaussianBlur(1.2)), 30)
+
+
+# not part of the robustness report's mean: the new-site proxy of ``sortline adapt``
+SITES: dict[str, Corruption] = {"site": _site}
+
 CORRUPTIONS: dict[str, Corruption] = {
     "clean": lambda im, rng: im,
     **{f"background_{k}": _bg(k) for k in HELDOUT_TEXTURES},
@@ -70,7 +82,7 @@ CORRUPTIONS: dict[str, Corruption] = {
 
 def corrupt(images: Sequence[np.ndarray], name: str, seed: int = 0) -> list[Image.Image]:
     """The images with corruption *name* applied (deterministic per image index)."""
-    fn = CORRUPTIONS[name]
+    fn = CORRUPTIONS.get(name) or SITES[name]
     out = []
     for i, a in enumerate(images):
         rng = np.random.default_rng([seed, i, sum(map(ord, name))])

@@ -125,7 +125,8 @@ def load_data(cfg: RunConfig, out: Path) -> RunData:
     return RunData(ds, spec, sha, images, y)
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The last linear layer of *model*'s head: the one a probe or an adaptation refits."""
     return [m for m in head_module(model).modules() if isinstance(m, nn.Linear)][-1]
 
 
@@ -147,7 +148,7 @@ def fit_probe(
         Features(train_x, data.y["train"], feats["val"], data.y["val"], nc), params, on_epoch
     )
     with torch.no_grad():
-        lin = _last_linear(model)
+        lin = last_linear(model)
         lin.weight.copy_(head.weight)
         lin.bias.copy_(head.bias)
     return history
@@ -168,7 +169,7 @@ def fine_tune(
     )  # fmt: skip
     zero_state = copy.deepcopy(model.state_dict())
     if not fp.lp_init:
-        lin = _last_linear(model)
+        lin = last_linear(model)
         nn.init.normal_(lin.weight, std=0.01)
         nn.init.zeros_(lin.bias)
     teacher = None

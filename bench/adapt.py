@@ -1,0 +1,104 @@
+"""`sortline adapt` on a "new site" proxy: does it learn a site's photos without forgetting?
+
+The proxy: the internal test split (never trained on) photographed as at one site
+(``training.fit.robustness`` "site": small object on a tiled floor, cold fluorescent light,
+dim, soft focus, strong JPEG), split in two seeded halves. The reviewed half is written as an
+ImageFolder (PNG, lossless) and given to the same code as `sortline adapt`; accuracy is then
+measured on the unseen half (site photos of other objects) and on the clean test split, for
+the base model (its cached features) and for the adapted checkpoint (fresh forward passes).
+
+    python bench/adapt.py --data /work/shared/trashnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/trashnet"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("models/sortline-trashnet.safetensors"))
+    ap.add_argument("--cache", type=Path, default=Path("cache"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-adapt"))
+    ap.add_argument("--site", default="site", help="Corruption of training.fit.robustness.")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of the reviewed/unseen halves.")
+    a = ap.parse_args()
+    from training.data.dataset import load_resized, load_split
+    from training.data.features import extract, split_features
+    from training.fit.adapt import adapt
+    from training.fit.robustness import corrupt
+    from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec
+    from training.model.factory import head_module
+
+    torch.set_num_threads(2)
+    base, meta = load_checkpoint(a.checkpoint)
+    base = base.to(memory_format=torch.channels_last).eval()
+    spec, classes = preprocess_spec(meta), meta["classes"]
+    ds = load_split(a.data, seed=int(meta["training"]["split_seed"]))
+    t0 = time.time()
+    feats = split_features(base, file_sha256(a.checkpoint), meta["arch"], spec, ds, a.cache)
+    test = ds.split("test")
+    site = corrupt(load_resized(ds, test, short_side=spec.resize, cache_dir=a.cache), a.site)
+    site = [np.asarray(p.convert("RGB")) for p in site]
+    y = feats["test_y"]
+    perm = np.random.default_rng(a.seed).permutation(len(test))
+    reviewed, unseen = perm[: len(test) // 2], perm[len(test) // 2 :]
+    folder = a.out / "reviewed"
+    shutil.rmtree(folder, ignore_errors=True)
+    for i in reviewed:
+        (folder / classes[y[i]]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(site[i]).save(folder / classes[y[i]] / f"{i:04d}.png")
+    print(
+        f"proxy ready in {time.time() - t0:.0f} s: {len(reviewed)} reviewed, {len(unseen)} unseen"
+    )
+
+    t1 = time.time()
+    summary = adapt(folder, a.checkpoint, a.out / "model", data=a.data, cache_dir=a.cache,
+                    register=False)  # fmt: skip
+    adapt_s = time.time() - t1
+    model, _ = load_checkpoint(summary["checkpoint"])
+    model = model.to(memory_format=torch.channels_last).eval()
+    head = head_module(model).float()
+    base_head = head_module(base).float()
+
+    def acc(h: torch.nn.Module, x: np.ndarray, labels: np.ndarray) -> float:
+        with torch.no_grad():
+            return float((h(torch.from_numpy(x)).argmax(1).numpy() == labels).mean())
+
+    site_base = extract(base, [site[i] for i in unseen], spec)  # the base model's features
+    site_new = extract(model, [site[i] for i in unseen], spec)
+    clean_new = extract(
+        model, load_resized(ds, test, short_side=spec.resize, cache_dir=a.cache), spec
+    )
+    row = {
+        "base": summary["base"],
+        "adapted": summary["model"],
+        "reviewed": len(reviewed),
+        "replay": summary["replay"],
+        "adapt_seconds": round(adapt_s, 1),
+        "unseen_site_accuracy_base": round(acc(base_head, site_base, y[unseen]), 4),
+        "unseen_site_accuracy_adapted": round(acc(head, site_new, y[unseen]), 4),
+        "clean_test_accuracy_base": round(acc(base_head, feats["test_x"], y), 4),
+        "clean_test_accuracy_adapted": round(acc(head, clean_new, y), 4),
+        "clean_val_accuracy_adapted": summary["val_accuracy"],
+    }
+    row["unseen_gain_points"] = round(
+        100 * (row["unseen_site_accuracy_adapted"] - row["unseen_site_accuracy_base"]), 1
+    )
+    row["clean_test_change_points"] = round(
+        100 * (row["clean_test_accuracy_adapted"] - row["clean_test_accuracy_base"]), 1
+    )
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

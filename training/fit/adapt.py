@@ -1,0 +1,242 @@
+"""``sortline adapt``: teach a model a site's own reviewed photos in minutes on a CPU.
+
+The base model's backbone is kept; its classifier head is refitted (L-BFGS, from the base
+head, an L2 pull towards it) on the pooled features of the reviewed photos mixed with a
+replay sample of the base model's training split (features cached per checkpoint). The
+temperature and the unfamiliarity statistics are refitted on the union, and the result is
+written as a checkpoint with a bumped version and the provenance of every photo it saw, then
+registered as a candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sortline.errors import ConfigError
+from training.data.dataset import DatasetError, load_resized, load_split, scan_imagefolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptParams:
+    """How the head is refitted (chosen on the new-site proxy of ``bench/adapt.py``)."""
+
+    reviewed_weight: float = 3.0  # a reviewed photo counts as this many replayed ones
+    l2: float = 1e-3  # pull of the head's weights towards the base head's
+    replay: int | None = None  # training images replayed (None: the whole training split)
+    seed: int = 0
+    max_iter: int = 200
+
+
+def bump_version(version: str, taken: set[str]) -> str:
+    """The next free version after *version*: ``1.1.0`` -> ``1.1.1``, else ``V-adapt1``."""
+    m = re.fullmatch(r"(.*?)(\d+)", version)
+    make = (
+        (lambda i: f"{m.group(1)}{int(m.group(2)) + i}") if m else (lambda i: f"{version}-adapt{i}")
+    )
+    i = 1
+    while make(i) in taken:
+        i += 1
+    return make(i)
+
+
+def fit_head(
+    weight: np.ndarray,
+    bias: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    sample_weight: np.ndarray,
+    params: AdaptParams,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted cross-entropy on features from the base head, plus an L2 pull towards it."""
+    w0 = torch.from_numpy(np.asarray(weight, np.float32))
+    x_t = torch.from_numpy(np.asarray(x, np.float32))
+    y_t = torch.from_numpy(np.asarray(y, np.int64))
+    sw = torch.from_numpy(np.asarray(sample_weight, np.float32))
+    sw = sw / sw.sum()
+    w = w0.clone().requires_grad_()
+    b = torch.from_numpy(np.asarray(bias, np.float32)).clone().requires_grad_()
+    opt = torch.optim.LBFGS([w, b], max_iter=params.max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(x_t @ w.T + b, y_t, reduction="none")
+        loss = (ce * sw).sum() + params.l2 * ((w - w0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().numpy(), b.detach().numpy()
+
+
+def _reviewed(folder: Path, classes: list[str]):
+    """The reviewed ImageFolder; every class folder must be one of the model's classes."""
+    ds = scan_imagefolder(folder, allow_empty=True)
+    unknown = [c for c in ds.classes if c not in classes]
+    if unknown:
+        raise DatasetError(
+            f"{folder}: folders {', '.join(unknown)} are not classes of the base model "
+            f"({', '.join(classes)}); move their images into one of those"
+        )
+    return ds
+
+
+def _replay_data(meta: dict, data: str | Path | None):
+    """The base model's split (its manifest must match the checkpoint's)."""
+    root = data or (meta.get("training") or {}).get("data")
+    if not root or not Path(root).is_dir():
+        raise ConfigError(
+            f"the base model's training data {root or '(not recorded)'} is not here; "
+            "pass --data DIR (the ImageFolder it was trained on)"
+        )
+    seed = int((meta.get("training") or {}).get("split_seed", 0))
+    ds = load_split(root, seed=seed)
+    from training.data.dataset import manifest_sha256
+
+    if meta.get("manifest_sha256") and manifest_sha256(ds) != meta["manifest_sha256"]:
+        raise ConfigError(
+            f"{root} does not split into the base model's training manifest "
+            "(different images); pass --data with the dataset it was trained on"
+        )
+    return ds
+
+
+def _registered_versions(name: str) -> set[str]:
+    from db.engine import session_scope
+    from db.migrate import ensure_schema
+    from db.service import list_models
+
+    ensure_schema()
+    with session_scope() as s:
+        return {r.version for r in list_models(s) if r.name == name}
+
+
+def adapt(
+    reviewed: str | Path,
+    base: str | Path,
+    out: str | Path | None = None,
+    *,
+    data: str | Path | None = None,
+    cache_dir: str | Path = "cache",
+    params: AdaptParams | None = None,
+    register: bool = True,
+) -> dict:
+    """Refit *base*'s head on the *reviewed* photos plus a replay of its training split; write
+    and register the new checkpoint; return a summary (version, checkpoint, figures)."""
+    from training.data.features import extract, split_features
+    from training.fit.evaluate import save_json
+    from training.fit.run import last_linear, short_metrics
+    from training.model import unfamiliarity
+    from training.model.calibration import calibration, expected_calibration_error, softmax
+    from training.model.checkpoint import (
+        file_sha256,
+        load_checkpoint,
+        model_version,
+        preprocess_spec,
+        save_checkpoint,
+    )
+    from training.reports.metrics import classification_metrics
+
+    params = params or AdaptParams()
+    t0 = time.time()
+    reviewed = Path(reviewed)
+    model, meta = load_checkpoint(base)
+    model = model.to(memory_format=torch.channels_last).eval()
+    classes, spec = meta["classes"], preprocess_spec(meta)
+    rev = _reviewed(reviewed, classes)
+    split = _replay_data(meta, data)
+    base_sha = file_sha256(base)
+    feats = split_features(model, base_sha, meta["arch"], spec, split, cache_dir)
+    photos = rev.samples
+    imgs = load_resized(rev, photos, short_side=spec.resize, cache_dir=Path(cache_dir))
+    rx = extract(model, imgs, spec)  # not cached: each adaptation pays for its own photos
+    ry = np.array([classes.index(s.label) for s in photos], np.int64)
+
+    rng = np.random.default_rng(params.seed)
+    n_train = len(feats["train_y"])
+    keep = np.arange(n_train)
+    if params.replay is not None and params.replay < n_train:
+        keep = np.sort(rng.choice(n_train, params.replay, replace=False))
+    x = np.concatenate([feats["train_x"][keep], rx])
+    y = np.concatenate([feats["train_y"][keep], ry])
+    sw = np.concatenate([np.ones(len(keep)), np.full(len(ry), params.reviewed_weight)])
+    lin = last_linear(model)
+    w, b = fit_head(lin.weight.detach().numpy(), lin.bias.detach().numpy(), x, y, sw, params)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.copy_(torch.from_numpy(b))
+
+    def logits(f: np.ndarray) -> np.ndarray:
+        return f @ w.T + b
+
+    # calibration and the unfamiliarity threshold on clean val and the reviewed photos
+    cal_x = np.concatenate([feats["val_x"], rx])
+    cal_y = np.concatenate([feats["val_y"], ry])
+    cal = calibration(logits(cal_x), cal_y)
+    cal["split"] = "val+reviewed"
+    stats, threshold = unfamiliarity.fit(x, y, cal_x)
+    metrics: dict = {"calibration": cal}
+    for sp in ("val", "test"):
+        m = classification_metrics(feats[f"{sp}_y"], logits(feats[f"{sp}_x"]).argmax(1), classes)
+        metrics[sp] = short_metrics(m)
+    p_val = softmax(logits(feats["val_x"]), cal["temperature"])
+    metrics["val"]["ece"] = expected_calibration_error(p_val, feats["val_y"])
+    metrics["reviewed_fit_accuracy"] = float((logits(rx).argmax(1) == ry).mean())
+
+    taken = _registered_versions(meta["name"]) if register else set()
+    version = bump_version(str(meta["version"]), taken)
+    out = Path(out or Path("runs") / f"adapt-{version}")
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = round(time.time() - t0, 1)
+    new_meta = {
+        **{k: v for k, v in meta.items() if k not in ("format", "unfamiliarity")},
+        "version": version,
+        "temperature": cal["temperature"],
+        "metrics": metrics,
+        "unfamiliarity": {
+            "method": "mahalanobis",
+            "threshold": threshold,
+            "val_flagged": unfamiliarity.VAL_FLAGGED,
+            "n_train": len(x),
+            "fitted_on": "train replay + reviewed; threshold on val + reviewed",
+        },  # fmt: skip
+        "adapted": {
+            "base": model_version(meta),
+            "base_sha256": base_sha,
+            "reviewed": str(reviewed.resolve()),
+            "photos": [{"file": s.file, "label": s.label, "sha256": s.sha256} for s in photos],
+            "skipped": [list(s) for s in rev.skipped],
+            "replay": len(keep),
+            "reviewed_weight": params.reviewed_weight,
+            "l2": params.l2,
+            "seconds": seconds,
+        },
+    }
+    ckpt = out / "model.safetensors"
+    sha = save_checkpoint(ckpt, model, new_meta, unfamiliarity=stats)
+    summary = {
+        "checkpoint": str(ckpt),
+        "sha256": sha,
+        "model": model_version(new_meta),
+        "base": model_version(meta),
+        "reviewed": len(photos),
+        "replay": len(keep),
+        "seconds": seconds,
+        "val_accuracy": metrics["val"]["accuracy"],
+        "test_accuracy": metrics["test"]["accuracy"],
+    }
+    save_json(summary, out / "summary.json")
+    if register:
+        from training.fit.run import register as register_checkpoint
+
+        summary["registered"] = register_checkpoint(ckpt)
+    log.info("adapted %s -> %s in %.1f s", summary["base"], summary["model"], seconds)
+    return summary
