@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from sortline.errors import ConfigError
-from training.data.dataset import DatasetError, load_resized, load_split, scan_imagefolder
+from training.data.dataset import (
+    Dataset,
+    DatasetError,
+    load_resized,
+    load_split,
+    scan_imagefolder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,101 @@ def _registered_versions(name: str) -> set[str]:
         return {r.version for r in list_models(s) if r.name == name}
 
 
+def _site_features(
+    model, meta, reviewed: Path, data, cache_dir
+) -> tuple[dict, Dataset, np.ndarray]:
+    """The base's split features (cached per checkpoint) and the reviewed photos' features."""
+    from training.data.features import extract, split_features
+    from training.model.checkpoint import preprocess_spec
+
+    classes, spec = meta["classes"], preprocess_spec(meta)
+    rev = _reviewed(reviewed, classes)
+    feats = split_features(model, meta["_sha256"], meta["arch"], spec, _replay_data(meta, data),
+                           cache_dir)  # fmt: skip
+    imgs = load_resized(rev, rev.samples, short_side=spec.resize, cache_dir=Path(cache_dir))
+    feats["reviewed_x"] = extract(model, imgs, spec)  # not cached: each adaptation pays for its own
+    feats["reviewed_y"] = np.array([classes.index(s.label) for s in rev.samples], np.int64)
+    return feats, rev, feats["reviewed_y"]
+
+
+def _refit(model, feats: dict, params: AdaptParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Refit the head on the replay sample and the reviewed photos; return (w, b, replay rows)."""
+    from training.fit.run import last_linear
+
+    rng = np.random.default_rng(params.seed)
+    n_train = len(feats["train_y"])
+    keep = np.arange(n_train)
+    if params.replay is not None and params.replay < n_train:
+        keep = np.sort(rng.choice(n_train, params.replay, replace=False))
+    rx, ry = feats["reviewed_x"], feats["reviewed_y"]
+    feats["fit_x"] = np.concatenate([feats["train_x"][keep], rx])
+    feats["fit_y"] = np.concatenate([feats["train_y"][keep], ry])
+    sw = np.concatenate([np.ones(len(keep)), np.full(len(ry), params.reviewed_weight)])
+    lin = last_linear(model)
+    w, b = fit_head(lin.weight.detach().numpy(), lin.bias.detach().numpy(), feats["fit_x"],
+                    feats["fit_y"], sw, params)  # fmt: skip
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.copy_(torch.from_numpy(b))
+    return w, b, keep
+
+
+def _score(feats: dict, w: np.ndarray, b: np.ndarray, classes: list[str]):
+    """Calibration and the unfamiliarity statistics on val + reviewed; val and test figures."""
+    from training.fit.run import short_metrics
+    from training.model import unfamiliarity
+    from training.model.calibration import calibration, expected_calibration_error, softmax
+    from training.reports.metrics import classification_metrics
+
+    def logits(f: np.ndarray) -> np.ndarray:
+        return f @ w.T + b
+
+    rx, ry = feats["reviewed_x"], feats["reviewed_y"]
+    cal_x = np.concatenate([feats["val_x"], rx])
+    cal_y = np.concatenate([feats["val_y"], ry])
+    cal = calibration(logits(cal_x), cal_y)
+    cal["split"] = "val+reviewed"
+    stats, threshold = unfamiliarity.fit(feats["fit_x"], feats["fit_y"], cal_x)
+    metrics: dict = {"calibration": cal}
+    for sp in ("val", "test"):
+        m = classification_metrics(feats[f"{sp}_y"], logits(feats[f"{sp}_x"]).argmax(1), classes)
+        metrics[sp] = short_metrics(m)
+    p_val = softmax(logits(feats["val_x"]), cal["temperature"])
+    metrics["val"]["ece"] = expected_calibration_error(p_val, feats["val_y"])
+    metrics["reviewed_fit_accuracy"] = float((logits(rx).argmax(1) == ry).mean())
+    return metrics, stats, threshold
+
+
+def _adapted_meta(meta, version, metrics, threshold, n_fit, rev, reviewed, keep, params, seconds):
+    from training.model import unfamiliarity
+    from training.model.checkpoint import model_version
+
+    return {
+        **{k: v for k, v in meta.items() if k not in ("format", "unfamiliarity", "_sha256")},
+        "version": version,
+        "temperature": metrics["calibration"]["temperature"],
+        "metrics": metrics,
+        "unfamiliarity": {
+            "method": "mahalanobis",
+            "threshold": threshold,
+            "val_flagged": unfamiliarity.VAL_FLAGGED,
+            "n_train": n_fit,
+            "fitted_on": "train replay + reviewed; threshold on val + reviewed",
+        },
+        "adapted": {
+            "base": model_version(meta),
+            "base_sha256": meta["_sha256"],
+            "reviewed": str(reviewed.resolve()),
+            "photos": [{"file": s.file, "label": s.label, "sha256": s.sha256} for s in rev.samples],
+            "skipped": [list(s) for s in rev.skipped],
+            "replay": len(keep),
+            "reviewed_weight": params.reviewed_weight,
+            "l2": params.l2,
+            "seconds": seconds,
+        },
+    }
+
+
 def adapt(
     reviewed: str | Path,
     base: str | Path,
@@ -131,108 +232,38 @@ def adapt(
 ) -> dict:
     """Refit *base*'s head on the *reviewed* photos plus a replay of its training split; write
     and register the new checkpoint; return a summary (version, checkpoint, figures)."""
-    from training.data.features import extract, split_features
     from training.fit.evaluate import save_json
-    from training.fit.run import last_linear, short_metrics
-    from training.model import unfamiliarity
-    from training.model.calibration import calibration, expected_calibration_error, softmax
     from training.model.checkpoint import (
         file_sha256,
         load_checkpoint,
         model_version,
-        preprocess_spec,
         save_checkpoint,
     )
-    from training.reports.metrics import classification_metrics
 
     params = params or AdaptParams()
     t0 = time.time()
     reviewed = Path(reviewed)
     model, meta = load_checkpoint(base)
     model = model.to(memory_format=torch.channels_last).eval()
-    classes, spec = meta["classes"], preprocess_spec(meta)
-    rev = _reviewed(reviewed, classes)
-    split = _replay_data(meta, data)
-    base_sha = file_sha256(base)
-    feats = split_features(model, base_sha, meta["arch"], spec, split, cache_dir)
-    photos = rev.samples
-    imgs = load_resized(rev, photos, short_side=spec.resize, cache_dir=Path(cache_dir))
-    rx = extract(model, imgs, spec)  # not cached: each adaptation pays for its own photos
-    ry = np.array([classes.index(s.label) for s in photos], np.int64)
-
-    rng = np.random.default_rng(params.seed)
-    n_train = len(feats["train_y"])
-    keep = np.arange(n_train)
-    if params.replay is not None and params.replay < n_train:
-        keep = np.sort(rng.choice(n_train, params.replay, replace=False))
-    x = np.concatenate([feats["train_x"][keep], rx])
-    y = np.concatenate([feats["train_y"][keep], ry])
-    sw = np.concatenate([np.ones(len(keep)), np.full(len(ry), params.reviewed_weight)])
-    lin = last_linear(model)
-    w, b = fit_head(lin.weight.detach().numpy(), lin.bias.detach().numpy(), x, y, sw, params)
-    with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(w))
-        lin.bias.copy_(torch.from_numpy(b))
-
-    def logits(f: np.ndarray) -> np.ndarray:
-        return f @ w.T + b
-
-    # calibration and the unfamiliarity threshold on clean val and the reviewed photos
-    cal_x = np.concatenate([feats["val_x"], rx])
-    cal_y = np.concatenate([feats["val_y"], ry])
-    cal = calibration(logits(cal_x), cal_y)
-    cal["split"] = "val+reviewed"
-    stats, threshold = unfamiliarity.fit(x, y, cal_x)
-    metrics: dict = {"calibration": cal}
-    for sp in ("val", "test"):
-        m = classification_metrics(feats[f"{sp}_y"], logits(feats[f"{sp}_x"]).argmax(1), classes)
-        metrics[sp] = short_metrics(m)
-    p_val = softmax(logits(feats["val_x"]), cal["temperature"])
-    metrics["val"]["ece"] = expected_calibration_error(p_val, feats["val_y"])
-    metrics["reviewed_fit_accuracy"] = float((logits(rx).argmax(1) == ry).mean())
-
+    meta["_sha256"] = file_sha256(base)
+    feats, rev, _ = _site_features(model, meta, reviewed, data, cache_dir)
+    w, b, keep = _refit(model, feats, params)
+    metrics, stats, threshold = _score(feats, w, b, meta["classes"])
     taken = _registered_versions(meta["name"]) if register else set()
     version = bump_version(str(meta["version"]), taken)
     out = Path(out or Path("runs") / f"adapt-{version}")
     out.mkdir(parents=True, exist_ok=True)
     seconds = round(time.time() - t0, 1)
-    new_meta = {
-        **{k: v for k, v in meta.items() if k not in ("format", "unfamiliarity")},
-        "version": version,
-        "temperature": cal["temperature"],
-        "metrics": metrics,
-        "unfamiliarity": {
-            "method": "mahalanobis",
-            "threshold": threshold,
-            "val_flagged": unfamiliarity.VAL_FLAGGED,
-            "n_train": len(x),
-            "fitted_on": "train replay + reviewed; threshold on val + reviewed",
-        },  # fmt: skip
-        "adapted": {
-            "base": model_version(meta),
-            "base_sha256": base_sha,
-            "reviewed": str(reviewed.resolve()),
-            "photos": [{"file": s.file, "label": s.label, "sha256": s.sha256} for s in photos],
-            "skipped": [list(s) for s in rev.skipped],
-            "replay": len(keep),
-            "reviewed_weight": params.reviewed_weight,
-            "l2": params.l2,
-            "seconds": seconds,
-        },
-    }
+    new_meta = _adapted_meta(meta, version, metrics, threshold, len(feats["fit_y"]), rev,
+                             reviewed, keep, params, seconds)  # fmt: skip
     ckpt = out / "model.safetensors"
     sha = save_checkpoint(ckpt, model, new_meta, unfamiliarity=stats)
     summary = {
-        "checkpoint": str(ckpt),
-        "sha256": sha,
-        "model": model_version(new_meta),
-        "base": model_version(meta),
-        "reviewed": len(photos),
-        "replay": len(keep),
-        "seconds": seconds,
-        "val_accuracy": metrics["val"]["accuracy"],
+        "checkpoint": str(ckpt), "sha256": sha, "model": model_version(new_meta),
+        "base": model_version(meta), "reviewed": len(rev.samples), "replay": len(keep),
+        "seconds": seconds, "val_accuracy": metrics["val"]["accuracy"],
         "test_accuracy": metrics["test"]["accuracy"],
-    }
+    }  # fmt: skip
     save_json(summary, out / "summary.json")
     if register:
         from training.fit.run import register as register_checkpoint

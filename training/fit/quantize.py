@@ -45,6 +45,31 @@ def _arrays(ds, samples, spec) -> np.ndarray:
     return np.stack([load_and_preprocess((ds.root / s.file).read_bytes(), spec) for s in samples])
 
 
+def _best_method(fp32, methods, calib, xv, ref, score, report) -> tuple[str, dict]:
+    """Quantize with each method; keep the best val macro-F1 whose labels stay within 1%."""
+    best = None
+    with tempfile.TemporaryDirectory(prefix="sortline-int8-") as tmp:
+        for method in methods:
+            cal = Path(tmp) / f"{method}.json"
+            model = quantize_onnx(
+                fp32, Path(tmp) / f"{method}.onnx", calibration=cal, method=method, arrays=calib
+            )
+            s = score(onnx_logits(model, xv), ref)
+            report["methods"][method] = s
+            log.info("int8 %s on val: %s", method, s)
+            if s["agreement"] >= 1 - MAX_DISAGREEMENT and (
+                best is None or (s["macro_f1"], s["agreement"]) > best[0]
+            ):
+                best = ((s["macro_f1"], s["agreement"]), method, cal)
+        if best is None:
+            raise ExportError(
+                f"no calibration method keeps the val labels within {MAX_DISAGREEMENT:.0%} of "
+                f"fp32: {report['methods']}; this model stays fp32"
+            )
+        _, method, cal = best
+        return method, json.loads(cal.read_text())
+
+
 def calibrate_int8(
     checkpoint: str | Path,
     data: str | Path,
@@ -87,27 +112,7 @@ def calibrate_int8(
     fp32 = cached_onnx(checkpoint, precision="fp32")
     ref = onnx_logits(fp32, xv)
     report = {"fp32": score(ref), "methods": {}, "images": len(calib), "val": len(val)}
-    best = None
-    with tempfile.TemporaryDirectory(prefix="sortline-int8-") as tmp:
-        for method in methods:
-            cal = Path(tmp) / f"{method}.json"
-            model = quantize_onnx(
-                fp32, Path(tmp) / f"{method}.onnx", calibration=cal, method=method, arrays=calib
-            )
-            s = score(onnx_logits(model, xv), ref)
-            report["methods"][method] = s
-            log.info("int8 %s on val: %s", method, s)
-            if s["agreement"] >= 1 - MAX_DISAGREEMENT and (
-                best is None or (s["macro_f1"], s["agreement"]) > best[0]
-            ):
-                best = ((s["macro_f1"], s["agreement"]), method, cal)
-        if best is None:
-            raise ExportError(
-                f"no calibration method keeps the val labels within {MAX_DISAGREEMENT:.0%} of "
-                f"fp32: {report['methods']}; this model stays fp32"
-            )
-        _, method, cal = best
-        payload = json.loads(cal.read_text())
+    method, payload = _best_method(fp32, methods, calib, xv, ref, score, report)
     payload["sortline"] = {
         "checkpoint_sha256": file_sha256(checkpoint),
         "method": method,

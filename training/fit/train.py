@@ -393,15 +393,9 @@ def train_finetune(
             data, batch_sampler=batches, num_workers=workers, generator=loader_gen, pin_memory=cuda
         )
         train_loss, train_acc = _train_epoch(
-            model,
-            loader,
-            opt,
-            sched,
-            loss_fn,
-            ema=ema,
-            teacher=teacher,
+            model, loader, opt, sched, loss_fn, ema=ema, teacher=teacher,
             distill_weight=params.distill_weight,
-        )
+        )  # fmt: skip
         scored = ema.shadow if ema else model
         val_logits = ev.predict_logits(scored, val_images, spec, tta=params.tta)
         rec = _val_record(
