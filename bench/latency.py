@@ -9,7 +9,8 @@ against a scratch PostgreSQL database and Redis on 127.0.0.1:
    from the first submission to the last row;
 3. a steady stream at each ``--fractions`` of that capacity for ``--seconds`` (at most
    ``--max-images`` images): p50/p95/p99 of latency, and where the time went in the worker
-   (mean ms per image of each stage of ``sortline_stage_seconds``, scraped from the worker),
+   (the producer's ``send`` call, then the mean ms per image of each stage of
+   ``sortline_stage_seconds``, scraped from the worker; ``queue`` includes ``send``),
    and the worker's CPU time per image (its processes' user + system time).
 
 Prints a table, writes ``latency.json`` and ``latency.png`` (latency against load) to ``--out``.
@@ -98,13 +99,16 @@ def stream(files: list[Path], rate: float | None, n: int, timeout: float) -> dic
     from producer.submit import wait_for_job
 
     t0 = time.time()
+    sending = 0.0
     with StreamJob(source="bench-latency") as job:
         for i in range(n):
             if rate:
                 delay = t0 + i / rate - time.time()
                 if delay > 0:
                     time.sleep(delay)
+            t = time.perf_counter()
             job.send(files[i % len(files)])
+            sending += time.perf_counter() - t
     sent_s = time.time() - t0
     wait_for_job(job.job_id, poll=0.05, timeout=timeout)
     rows = rows_of(job.job_id)
@@ -112,6 +116,7 @@ def stream(files: list[Path], rate: float | None, n: int, timeout: float) -> dic
         raise SystemExit(f"job {job.job_id}: {len(rows)} rows for {n} images, or error rows")
     last = max(r.submitted_at.timestamp() + r.latency_ms / 1000 for r in rows)
     return {"sent": n, "offered_rate": n / sent_s, "done_rate": n / (last - t0),
+            "send_ms": round(1000 * sending / n, 2),
             "latency_ms": sorted(r.latency_ms for r in rows)}  # fmt: skip
 
 
@@ -121,14 +126,16 @@ def quantiles(lat: list[float]) -> dict[str, float]:
             "max": round(lat[-1], 1)}  # fmt: skip
 
 
-def singles(files: list[Path], k: int) -> list[float]:
-    """Latency of *k* images sent one at a time, each alone on the system."""
+def singles(files: list[Path], k: int) -> tuple[list[float], float]:
+    """Latency of *k* images sent one at a time, each alone on the system; mean send ms."""
     from producer.stream import StreamJob
 
-    out = []
+    out, sending = [], 0.0
     with StreamJob(source="bench-latency-single") as job:
         for i in range(k):
+            t = time.perf_counter()
             job.send(files[i % len(files)])
+            sending += time.perf_counter() - t
             deadline = time.monotonic() + 60
             while len(rows := rows_of(job.job_id)) <= i:
                 if time.monotonic() > deadline:
@@ -136,7 +143,7 @@ def singles(files: list[Path], k: int) -> list[float]:
                 time.sleep(0.01)
             out.append(max(rows, key=lambda r: r.position).latency_ms)
             time.sleep(0.2)
-    return out
+    return out, round(1000 * sending / k, 2)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -175,7 +182,7 @@ def main() -> None:
     )
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "trashnet")
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--out", type=Path, default=Path("bench-latency"))
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "figures")
     ap.add_argument("--fractions", default="0.25,0.5,0.75,0.9")
     ap.add_argument("--seconds", type=float, default=30.0, help="streaming time per rate")
     ap.add_argument("--max-images", type=int, default=2000, help="images per rate at most")
@@ -219,9 +226,9 @@ def main() -> None:
         stream(files, None, 32, timeout=300)  # the model is loaded and warm
 
         before = stage_totals(port)
-        single = singles(files, args.singles)
+        single, send_ms = singles(files, args.singles)
         result["service_ms"] = svc = statistics.median(single)
-        result["service_stages"] = stage_means(before, stage_totals(port))
+        result["service_stages"] = {"send": send_ms, **stage_means(before, stage_totals(port))}
         print(f"single image alone, submitted -> row: median {svc:.1f} ms of {len(single)} "
               f"(min {min(single):.1f}, max {max(single):.1f}); stages (ms): "
               f"{result['service_stages']}")  # fmt: skip
@@ -234,7 +241,8 @@ def main() -> None:
             burst = stream(files, None, args.burst, timeout=600)
             result["capacity"] = cap = burst["done_rate"]
             result["burst"] = {**quantiles(burst["latency_ms"]), "sent": burst["sent"],
-                               "stages": stage_means(before, stage_totals(port))}  # fmt: skip
+                               "stages": {"send": burst["send_ms"],
+                                          **stage_means(before, stage_totals(port))}}  # fmt: skip
             print(f"capacity: {args.burst} one-image messages as fast as possible: "
                   f"{cap:.1f} img/s (sent at {burst['offered_rate']:.1f}/s); stages (ms): "
                   f"{result['burst']['stages']}")  # fmt: skip
@@ -247,7 +255,7 @@ def main() -> None:
             before, cpu0 = stage_totals(port), cpu_seconds(w)
             run = stream(files, f * cap, n, timeout=args.seconds * 4 + 120)
             q = quantiles(run["latency_ms"])
-            stages = stage_means(before, stage_totals(port))
+            stages = {"send": run["send_ms"], **stage_means(before, stage_totals(port))}
             cpu_ms = round(1000 * (cpu_seconds(w) - cpu0) / n, 1)
             result["rates"].append({"fraction": f, "rate": round(f * cap, 2), "images": n,
                                     "offered_rate": round(run["offered_rate"], 2), **q,
