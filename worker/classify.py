@@ -24,7 +24,7 @@ from worker.inputs import (
     read_item,
     sha256_hex,
 )
-from worker.metrics import record_rows
+from worker.metrics import record_rows, record_stage
 from worker.runtime import get_batcher, get_classifier
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ class Written(NamedTuple):
 
 def classify_message(msg: Message, *, worker: str | None) -> Written:
     """Classify the items of *msg* that have no row yet; say how many rows were written."""
+    started = time.time()
+    for it in msg.items:
+        if it.submitted_at:
+            record_stage("queue", started - it.submitted_at)
     with session_scope() as session:
         job = session.get(Job, msg.job_id)
         if job is None:
@@ -74,6 +78,7 @@ def classify_message(msg: Message, *, worker: str | None) -> Written:
             return Written(0, note="job cancelled")
         done = existing_positions(session, job_id=msg.job_id, positions=[i.pos for i in msg.items])
         total = job.total
+    record_stage("lookup", time.time() - started, len(msg.items))
     beyond = [it.pos for it in msg.items if it.pos >= total]
     if beyond:  # the producer numbers a job's images 0..total-1 before sending them
         log.error("job %s: ignoring positions beyond its %d images: %s", msg.job_id, total, beyond)
@@ -92,6 +97,7 @@ def classify_message(msg: Message, *, worker: str | None) -> Written:
             r["latency_ms"] = round((now - sub.timestamp()) * 1000, 3)
     with session_scope() as session:
         written = record_results(session, job_id=msg.job_id, rows=rows)
+    record_stage("write", time.time() - now, len(rows))
     record_rows(rows)  # Prometheus, once the rows are stored
     errors = sum(r["status"] == "error" for r in rows)
     return Written(written, min(errors, written))  # exact unless another delivery raced it
@@ -149,6 +155,7 @@ def _classify_chunk(todo: list[Item], clf, batcher, *, worker: str | None) -> li
                 _keep_bytes(s, sha, data)
             arrays.append(_prepare(data, clf.spec, max_pixels=s.max_image_pixels))
             pending.append((it, sha, (time.perf_counter() - t0) * 1000))
+            record_stage("decode", time.perf_counter() - t0)
         except (InputError, ImageError) as e:
             rows.append(error_row(it, str(e), worker=worker, sha=sha))
         except MemoryError:

@@ -70,6 +70,14 @@ class _Metrics:
             "Read, decode and model time per image in the worker.",
             buckets=LATENCY_BUCKETS,
         )
+        self.stage = Histogram(
+            "sortline_stage_seconds",
+            "Where an image's time goes in the worker, by stage: queue (submitted -> task"
+            " start), lookup (the job and its rows so far), decode, batch_wait (handed to the"
+            " micro-batcher -> its forward pass starts), forward, write.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+        )
 
 
 _metrics: tuple[int, _Metrics] | None = None
@@ -99,6 +107,16 @@ def record_rows(rows: list[dict[str, Any]]) -> None:
                 m.latency.observe(r["latency_ms"] / 1000)
             if r.get("processing_ms") is not None:
                 m.processing.observe(r["processing_ms"] / 1000)
+    except Exception:  # metrics must never cost a result
+        log.exception("could not record metrics")
+
+
+def record_stage(stage: str, seconds: float, images: int = 1) -> None:
+    """Add *seconds* of *stage* for each of *images* images; never raises."""
+    try:
+        h = metrics().stage.labels(stage=stage)
+        for _ in range(images):
+            h.observe(max(0.0, seconds))
     except Exception:  # metrics must never cost a result
         log.exception("could not record metrics")
 

@@ -152,6 +152,10 @@ class OnnxBackend:
         opts.intra_op_num_threads = torch_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # Idle intra-op threads would otherwise spin for work between forward passes, taking
+        # the cores from decoding, the database driver and the broker: about twice the CPU time
+        # per streamed image (bench/latency.py).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
         )
@@ -273,18 +277,22 @@ def resolve_device(device: str) -> str:
 class MicroBatcher:
     """Gather the arrays of concurrent callers into one forward pass.
 
-    A batch is run when it holds ``max_batch`` images, when every task that is busy in this
-    process has handed in its images, or ``max_wait`` seconds after its first image, so a
-    lone caller never waits. A call larger than ``max_batch`` runs alone, in chunks.
+    A batch is run when it holds ``max_batch`` images, when no task of this process is still
+    preparing images it will hand in (a task counts from entering the batcher to its first
+    call, so one already served is not waited for), or ``max_wait`` seconds after its first
+    image, so a lone caller never waits. A call larger than ``max_batch`` runs alone, in chunks.
     """
 
-    def __init__(self, predict, *, max_batch: int, max_wait: float):
+    def __init__(self, predict, *, max_batch: int, max_wait: float, on_batch=None):
         self._predict = predict
+        self._on_batch = on_batch  # (images, seconds waited) per caller, forward seconds
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
         self._cv = threading.Condition()
         self._pending: list[tuple[np.ndarray, Future, float]] = []
-        self._active = 0
+        self._active = 0  # tasks inside ``with``
+        self._coming = 0  # ... of which have not handed in their images yet
+        self._local = threading.local()
         self._closed = False
         self.batch_sizes: list[int] = []
         self._thread = threading.Thread(target=self._loop, name="sortline-batcher", daemon=True)
@@ -293,12 +301,21 @@ class MicroBatcher:
     def __enter__(self) -> MicroBatcher:
         with self._cv:
             self._active += 1
+            self._coming += 1
+        self._local.coming = True
         return self
 
     def __exit__(self, *exc) -> None:
         with self._cv:
             self._active -= 1
+            self._handed_in()
             self._cv.notify_all()
+
+    def _handed_in(self) -> None:
+        """This thread's task will hand in nothing more that a batch should wait for."""
+        if getattr(self._local, "coming", False):
+            self._local.coming = False
+            self._coming -= 1
 
     def close(self) -> None:
         """Stop the batching thread once no task uses this batcher any more."""
@@ -313,6 +330,7 @@ class MicroBatcher:
             if self._closed and not self._thread.is_alive():  # a task that raced a model switch
                 return self._predict(arrays)
             self._pending.append((arrays, fut, time.monotonic()))
+            self._handed_in()
             self._cv.notify_all()
         return fut.result()
 
@@ -320,7 +338,7 @@ class MicroBatcher:
         n = sum(len(a) for a, _, _ in self._pending)
         return (
             n >= self.max_batch
-            or len(self._pending) >= self._active
+            or self._coming <= 0
             or time.monotonic() - self._pending[0][2] >= self.max_wait
         )
 
@@ -346,6 +364,7 @@ class MicroBatcher:
             self._run(take)
 
     def _run(self, take) -> None:
+        started = time.monotonic()
         try:
             batch = np.concatenate([a for a, _, _ in take]) if len(take) > 1 else take[0][0]
             out = np.concatenate(
@@ -356,6 +375,7 @@ class MicroBatcher:
             )
             self.batch_sizes.append(len(batch))
             del self.batch_sizes[:-1000]
+            forward = time.monotonic() - started
         except BaseException as e:  # hand the error to every caller of this batch
             for _, fut, _ in take:
                 fut.set_exception(e)
@@ -364,6 +384,8 @@ class MicroBatcher:
         for a, fut, _ in take:
             fut.set_result(out[i : i + len(a)])
             i += len(a)
+        if self._on_batch is not None:
+            self._on_batch([(len(a), started - t) for a, _, t in take], forward)
 
 
 _lock = threading.Lock()
@@ -405,6 +427,15 @@ def get_classifier() -> Classifier:
         return _classifier
 
 
+def _record_batch(waits: list[tuple[int, float]], forward: float) -> None:
+    """Prometheus: each image's wait for its forward pass, and that pass's time."""
+    from worker.metrics import record_stage
+
+    for images, waited in waits:
+        record_stage("batch_wait", waited, images)
+        record_stage("forward", forward, images)
+
+
 def get_batcher(clf: Classifier | None = None) -> MicroBatcher:
     """The micro-batcher around *clf* (default: this process's classifier)."""
     clf = clf or get_classifier()
@@ -412,6 +443,9 @@ def get_batcher(clf: Classifier | None = None) -> MicroBatcher:
         if clf.batcher is None:
             s = get_worker_settings()
             clf.batcher = MicroBatcher(
-                clf.predict, max_batch=s.max_batch, max_wait=s.max_wait_ms / 1000
+                clf.predict,
+                max_batch=s.max_batch,
+                max_wait=s.max_wait_ms / 1000,
+                on_batch=_record_batch,
             )
         return clf.batcher

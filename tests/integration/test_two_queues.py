@@ -149,6 +149,11 @@ def test_cpu_and_training_workers_serve_their_queues(stack, broker, tmp_path):
         prometheus_samples(text, "sortline_latency_seconds_count")["sortline_latency_seconds_count"]
         == 24
     )
+    # where each image's time went: every stage counted once per image
+    stages = prometheus_samples(text, "sortline_stage_seconds_count{")
+    assert {k.split('"')[1]: v for k, v in stages.items()} == {
+        s: 24 for s in ("queue", "lookup", "decode", "batch_wait", "forward", "write")
+    }
     pids = set(os.listdir(tmp_path / "metrics-worker-cpu"))
     assert len(pids) >= 2, pids  # both pool processes recorded (one file each)
 

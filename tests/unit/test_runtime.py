@@ -91,6 +91,39 @@ def test_micro_batcher_lone_caller_does_not_wait_and_large_calls_are_chunked():
     assert sizes == [4, 4, 2] and got[:, 0].tolist() == list(range(10))
 
 
+def test_micro_batcher_does_not_wait_for_a_task_already_served():
+    import time
+
+    sizes: list[int] = []
+    waits: list[tuple[int, float]] = []
+    mb = MicroBatcher(
+        lambda x: sizes.append(len(x)) or x,
+        max_batch=8,
+        max_wait=5.0,
+        on_batch=lambda w, forward: waits.extend(w),
+    )
+    served, release = threading.Event(), threading.Event()
+
+    def first():
+        with mb:
+            mb.predict(np.zeros((1, 1), dtype=np.float32))
+            served.set()
+            release.wait(10)  # still inside the batcher, but with nothing more to hand in
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert served.wait(5)
+    t0 = time.monotonic()
+    with mb:
+        mb.predict(np.ones((2, 1), dtype=np.float32))
+    elapsed = time.monotonic() - t0
+    release.set()
+    t.join()
+    assert elapsed < 1.0  # not the 5 s of max_wait
+    assert sizes == [1, 2]
+    assert [n for n, _ in waits] == [1, 2] and all(0 <= w < 1.0 for _, w in waits)
+
+
 # ---------------------------------------------------------------- int8
 
 
