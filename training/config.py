@@ -8,6 +8,7 @@ from db.config import SortlineSettings, settings_getter
 
 _REPO = Path(__file__).resolve().parents[1]  # a source checkout (editable install)
 DEFAULT_CHECKPOINT = _REPO / "models" / "sortline-trashnet.safetensors"
+SAMPLES_DIR = _REPO / "samples"  # the demo photos (TrashNet, see samples/CREDITS.md)
 
 
 class TrainingSettings(SortlineSettings):

@@ -4,7 +4,9 @@ Activation ranges are measured on a few hundred training images of the dataset's
 each calibration method gives an int8 model that is scored on the val split against the
 fp32 export. The best (val macro-F1, then agreement with fp32) is written to the
 checkpoint's calibration file, with a hundred val photos on which every worker checks the
-int8 model it builds from that file against fp32 (at most 1% of labels may differ).
+int8 model it builds from that file against fp32 (at most 1% of labels may differ). The
+shipped model's file has those photos removed (no dataset photos in the repository); its
+check runs on the sample photos (``training.config.SAMPLES_DIR``).
 """
 
 from __future__ import annotations

@@ -292,16 +292,20 @@ def encode_check_images(images, spec) -> list[str]:
 
 
 def check_arrays(checkpoint: str | Path) -> np.ndarray:
-    """The check images stored in *checkpoint*'s calibration file, preprocessed."""
+    """The check images of *checkpoint*'s calibration file (else the sample photos), preprocessed."""
     import base64
 
+    from training.config import SAMPLES_DIR
     from training.model.checkpoint import preprocess_spec, read_metadata
     from training.model.imaging import decode_image
-    from training.model.preprocess import normalise
+    from training.model.preprocess import normalise, resize_crop
 
     spec = preprocess_spec(read_metadata(checkpoint))
     info = json.loads(calibration_path(checkpoint).read_text())["sortline"]
     images = [decode_image(base64.b64decode(b)) for b in info.get("check_images", [])]
+    if not images:  # the shipped calibration holds no dataset photos: the bundled samples
+        files = sorted(SAMPLES_DIR.glob("*/*.jpg"))
+        images = [resize_crop(decode_image(f.read_bytes()), spec) for f in files]
     if not images:
         raise ExportError(f"{calibration_path(checkpoint)} holds no check images; recalibrate")
     return np.stack([normalise(img, spec) for img in images])
