@@ -39,6 +39,8 @@ RUN pip install -e .
 
 # The trained model, read-only for the service user; the build fails if it is missing.
 COPY models/sortline-trashnet.safetensors models/sortline-trashnet.int8.json models/
+# the int8 parity check of the shipped model runs on the sample photos
+COPY samples/ samples/
 RUN python -c "from training.model.checkpoint import read_metadata, model_version; \
 from training.config import DEFAULT_CHECKPOINT as p; print(p, model_version(read_metadata(p)))" \
  && mkdir -p /app/cache /app/runs /app/.sortline /data \

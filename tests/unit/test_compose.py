@@ -299,3 +299,5 @@ def test_dockerfile():
         assert path in ignored
     assert "!models/sortline-trashnet.safetensors" in ignored
     assert "!models/sortline-trashnet.int8.json" in ignored  # the int8 calibration ships too
+    # ... and the sample photos its parity check runs on
+    assert "COPY samples/ samples/" in text and "samples" not in ignored
