@@ -28,6 +28,26 @@ pytestmark = pytest.mark.integration
 PG_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path, monkeypatch):
+    """A database of this test's own (a fresh PostgreSQL one, not the session's): a reconciling
+    worker must not find other tests' unfinished jobs and spend its time on them."""
+    from db.config import clear_settings
+    from db.engine import reset_engines
+    from db.migrate import upgrade
+    from tests.support.services import create_pg_database, drop_pg_database
+
+    pg = request.param == "postgresql"
+    url = create_pg_database() if pg else f"sqlite:///{tmp_path / 'sortline.db'}"
+    upgrade(url)
+    monkeypatch.setenv("SORTLINE_DATABASE_URL", url)
+    clear_settings()
+    yield url
+    reset_engines()
+    if pg:
+        drop_pg_database(url)
+
+
 def _assert_each_position_once(job_id: str, n: int) -> dict[int, object]:
     rows = rows_by_position(job_id)
     with session_scope() as s:
