@@ -35,6 +35,10 @@ def pytest_unconfigure(config) -> None:
 os.environ.setdefault("SORTLINE_HOME", tempfile.mkdtemp(prefix="sortline-home-"))
 os.environ.setdefault("SORTLINE_CACHE_DIR", tempfile.mkdtemp(prefix="sortline-cache-"))
 os.environ.pop("SORTLINE_ALLOWED_ROOTS", None)
+# Workers reconcile stalled jobs of their database; the tests that check it set a short delay
+# themselves. Elsewhere a later test's worker must not pick up an earlier test's unfinished job
+# (it would add images to that test's metrics and time).
+os.environ.setdefault("SORTLINE_RECONCILE_AFTER", "86400")
 
 
 @pytest.fixture(scope="session")
