@@ -14,6 +14,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import redis
 from celery import current_app
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base
@@ -131,6 +132,15 @@ class Channel(kombu_redis.Channel):
     """kombu's Redis channel, dropping entries that are not task messages."""
 
     Message = Message
+
+    def _connparams(self, asynchronous=False):
+        # Closing after the broker went away, kombu restores the unacknowledged messages through
+        # a new pool of the closed connection, whose client is already gone: an AttributeError
+        # that kills the worker ("Unrecoverable error"). A connection error instead is ignored
+        # there, the worker reconnects, and the messages come back by the visibility timeout.
+        if self.connection is None or self.connection.client is None:
+            raise redis.exceptions.ConnectionError("the broker connection is closed")
+        return super()._connparams(asynchronous=asynchronous)
 
     def _brpop_read(self, **options):
         """Read one entry; one that is not even a message is dropped here (it is off the list)."""
