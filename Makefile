@@ -10,8 +10,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-cache-dir -e ".[dev]"
 	touch $@
 
 ## Classify the bundled sample photos through Redis, a Celery worker and SQLite.
