@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sortline.errors import ConfigError
-from training.model.calibration import softmax
+from training.model.calibration import calibrated
 from training.model.checkpoint import (
     CheckpointError,
     model_version,
@@ -205,7 +205,6 @@ class Classifier:
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.spec = preprocess_spec(meta)
-        self.temperature = float(meta.get("temperature", 1.0))
         self.version = model_version(meta)
         override = get_worker_settings().unfamiliar_threshold
         fitted = (meta.get("unfamiliarity") or {}).get("threshold")
@@ -244,8 +243,8 @@ class Classifier:
         The score is NaN for a checkpoint without unfamiliarity statistics.
         """
         out = self.backend.outputs(batch)
-        probs = softmax(out[0], self.temperature)
-        score = out[1] if len(out) > 1 else np.full(len(probs), np.nan)
+        score = out[1] if len(out) > 1 else np.full(len(out[0]), np.nan)
+        probs = calibrated(out[0], score if len(out) > 1 else None, self.meta)
         return np.concatenate([probs, score[:, None]], axis=1).astype(np.float32)
 
 

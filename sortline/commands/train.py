@@ -480,7 +480,7 @@ def soup(runs: tuple[str, ...], out: str, cache_dir: Path | None) -> None:
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path(exists=True))
 @click.option("--version", required=True, help="Version of the shipped model, e.g. 1.2.0.")
 @click.option(
     "--out",
@@ -490,15 +490,30 @@ def soup(runs: tuple[str, ...], out: str, cache_dir: Path | None) -> None:
 )
 @cache_dir_option
 @click.option("--no-robustness", is_flag=True, help="Skip the robustness check.")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="With a checkpoint SOURCE: the dataset it was trained on [the one it records].",
+)
 def ship(
-    run_dir: str, version: str, out: str | None, cache_dir: Path | None, no_robustness: bool
+    source: str,
+    version: str,
+    out: str | None,
+    cache_dir: Path | None,
+    no_robustness: bool,
+    data: str | None,
 ) -> None:
-    """Write a run's float16 checkpoint as the shipped model, re-scored on val and test."""
+    """Write a run's (or a checkpoint's) float16 model as the shipped one, re-scored.
+
+    SOURCE is a run folder, or a checkpoint file whose split is rebuilt from --data.
+    """
     from training.config import DEFAULT_CHECKPOINT
     from training.fit.ship import ship as run_ship
 
     res = run_ship(
-        run_dir,
+        source,
+        data=data,
         version=version,
         out=out or DEFAULT_CHECKPOINT,
         cache_dir=str(_cache(cache_dir)),

@@ -17,7 +17,8 @@ def tiny_checkpoint(
     """Write a seeded 'tiny' model checkpoint with the six TrashNet classes (version = seed).
 
     With *unfamiliarity*, statistics fitted on its features of 80 generated images (labels
-    cycling through the classes), the threshold on 40 more.
+    cycling through the classes) and a shift detector against the same images darkened, the
+    threshold on 40 more, and a shift slope of 0.5.
     """
     import numpy as np
     import torch
@@ -37,8 +38,9 @@ def tiny_checkpoint(
 
         imgs = [np.asarray(decode_image(jpeg_bytes(i))) for i in range(120)]
         feats = extract(model, imgs, spec)
-        stats, thr = unf.fit(feats[:80], np.arange(80) % len(CLASSES), feats[80:])
-        extra = {"unfamiliarity": {"method": "mahalanobis", "threshold": thr}}
+        dark = extract(model, [(a * 0.4).astype(np.uint8) for a in imgs[:80]], spec)
+        stats, thr = unf.fit(feats[:80], np.arange(80) % len(CLASSES), feats[80:], shifted_x=dark)
+        extra = {"unfamiliarity": {"method": unf.method(stats), "threshold": thr, "shift_slope": 0.5}}
     save_checkpoint(
         path,
         model,

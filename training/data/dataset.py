@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sortline.errors import SortlineError
+from sortline.errors import ConfigError, SortlineError
 from training.model.imaging import ImageError, decode_image
 
 log = logging.getLogger(__name__)
@@ -302,3 +302,21 @@ def link_split(dataset: Dataset, split: str, out: str | Path) -> Path:
         if not dst.exists():
             dst.symlink_to((dataset.root / s.file).resolve())
     return out
+
+
+def checkpoint_split(meta: dict, data: str | Path | None = None) -> Dataset:
+    """The train/val/test split a checkpoint was trained on, rebuilt from *data* (else the
+    folder its metadata records); its manifest must match the checkpoint's."""
+    root = data or (meta.get("training") or {}).get("data")
+    if not root or not Path(root).is_dir():
+        raise ConfigError(
+            f"the model's training data {root or '(not recorded)'} is not here; "
+            "pass --data DIR (the ImageFolder it was trained on)"
+        )
+    ds = load_split(root, seed=int((meta.get("training") or {}).get("split_seed", 0)))
+    if meta.get("manifest_sha256") and manifest_sha256(ds) != meta["manifest_sha256"]:
+        raise ConfigError(
+            f"{root} does not split into the model's training manifest "
+            "(different images); pass --data with the dataset it was trained on"
+        )
+    return ds

@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sortline.errors import ConfigError
 from training.data.dataset import (
     Dataset,
     DatasetError,
+    checkpoint_split,
     load_resized,
-    load_split,
     scan_imagefolder,
 )
 
@@ -95,26 +94,6 @@ def _reviewed(folder: Path, classes: list[str]):
     return ds
 
 
-def _replay_data(meta: dict, data: str | Path | None):
-    """The base model's split (its manifest must match the checkpoint's)."""
-    root = data or (meta.get("training") or {}).get("data")
-    if not root or not Path(root).is_dir():
-        raise ConfigError(
-            f"the base model's training data {root or '(not recorded)'} is not here; "
-            "pass --data DIR (the ImageFolder it was trained on)"
-        )
-    seed = int((meta.get("training") or {}).get("split_seed", 0))
-    ds = load_split(root, seed=seed)
-    from training.data.dataset import manifest_sha256
-
-    if meta.get("manifest_sha256") and manifest_sha256(ds) != meta["manifest_sha256"]:
-        raise ConfigError(
-            f"{root} does not split into the base model's training manifest "
-            "(different images); pass --data with the dataset it was trained on"
-        )
-    return ds
-
-
 def _registered_versions(name: str) -> set[str]:
     from db.engine import session_scope
     from db.migrate import ensure_schema
@@ -134,7 +113,7 @@ def _site_features(
 
     classes, spec = meta["classes"], preprocess_spec(meta)
     rev = _reviewed(reviewed, classes)
-    feats = split_features(model, meta["_sha256"], meta["arch"], spec, _replay_data(meta, data),
+    feats = split_features(model, meta["_sha256"], meta["arch"], spec, checkpoint_split(meta, data),
                            cache_dir)  # fmt: skip
     imgs = load_resized(rev, rev.samples, short_side=spec.resize, cache_dir=Path(cache_dir))
     feats["reviewed_x"] = extract(model, imgs, spec)  # not cached: each adaptation pays for its own
@@ -164,8 +143,11 @@ def _refit(model, feats: dict, params: AdaptParams) -> tuple[np.ndarray, np.ndar
     return w, b, keep
 
 
-def _score(feats: dict, w: np.ndarray, b: np.ndarray, classes: list[str]):
-    """Calibration and the unfamiliarity statistics on val + reviewed; val and test figures."""
+def _score(feats: dict, w: np.ndarray, b: np.ndarray, classes: list[str], base_stats):
+    """Calibration and the unfamiliarity statistics on val + reviewed; val and test figures.
+
+    The backbone is the base's, so its shift detector (if any) is kept; the Gaussians and
+    the threshold are refitted."""
     from training.fit.run import short_metrics
     from training.model import unfamiliarity
     from training.model.calibration import calibration, expected_calibration_error, softmax
@@ -179,7 +161,8 @@ def _score(feats: dict, w: np.ndarray, b: np.ndarray, classes: list[str]):
     cal_y = np.concatenate([feats["val_y"], ry])
     cal = calibration(logits(cal_x), cal_y)
     cal["split"] = "val+reviewed"
-    stats, threshold = unfamiliarity.fit(feats["fit_x"], feats["fit_y"], cal_x)
+    detector = base_stats if base_stats and "det_w" in base_stats else None
+    stats, threshold = unfamiliarity.fit(feats["fit_x"], feats["fit_y"], cal_x, detector=detector)
     metrics: dict = {"calibration": cal}
     for sp in ("val", "test"):
         m = classification_metrics(feats[f"{sp}_y"], logits(feats[f"{sp}_x"]).argmax(1), classes)
@@ -190,7 +173,8 @@ def _score(feats: dict, w: np.ndarray, b: np.ndarray, classes: list[str]):
     return metrics, stats, threshold
 
 
-def _adapted_meta(meta, version, metrics, threshold, n_fit, rev, reviewed, keep, params, seconds):
+def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed, keep, params,
+                  seconds):  # fmt: skip
     from training.model import unfamiliarity
     from training.model.checkpoint import model_version
 
@@ -200,8 +184,11 @@ def _adapted_meta(meta, version, metrics, threshold, n_fit, rev, reviewed, keep,
         "temperature": metrics["calibration"]["temperature"],
         "metrics": metrics,
         "unfamiliarity": {
-            "method": "mahalanobis",
+            "method": unfamiliarity.method(stats),
             "threshold": threshold,
+            "shift_slope": (meta.get("unfamiliarity") or {}).get("shift_slope", 0.0)
+            if "det_w" in stats
+            else 0.0,
             "val_flagged": unfamiliarity.VAL_FLAGGED,
             "n_train": n_fit,
             "fitted_on": "train replay + reviewed; threshold on val + reviewed",
@@ -237,6 +224,7 @@ def adapt(
         file_sha256,
         load_checkpoint,
         model_version,
+        read_unfamiliarity,
         save_checkpoint,
     )
 
@@ -248,13 +236,13 @@ def adapt(
     meta["_sha256"] = file_sha256(base)
     feats, rev, _ = _site_features(model, meta, reviewed, data, cache_dir)
     w, b, keep = _refit(model, feats, params)
-    metrics, stats, threshold = _score(feats, w, b, meta["classes"])
+    metrics, stats, threshold = _score(feats, w, b, meta["classes"], read_unfamiliarity(base))
     taken = _registered_versions(meta["name"]) if register else set()
     version = bump_version(str(meta["version"]), taken)
     out = Path(out or Path("runs") / f"adapt-{version}")
     out.mkdir(parents=True, exist_ok=True)
     seconds = round(time.time() - t0, 1)
-    new_meta = _adapted_meta(meta, version, metrics, threshold, len(feats["fit_y"]), rev,
+    new_meta = _adapted_meta(meta, version, metrics, stats, threshold, len(feats["fit_y"]), rev,
                              reviewed, keep, params, seconds)  # fmt: skip
     ckpt = out / "model.safetensors"
     sha = save_checkpoint(ckpt, model, new_meta, unfamiliarity=stats)

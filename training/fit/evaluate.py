@@ -11,7 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.model.calibration import calibration, expected_calibration_error, softmax
+from training.model.calibration import (
+    calibrated,
+    calibration,
+    expected_calibration_error,
+    softmax,
+)
 from training.model.preprocess import PreprocessSpec, preprocess
 from training.reports.metrics import bootstrap_intervals, classification_metrics
 
@@ -146,7 +151,7 @@ def _probabilities(
     if predict is None:
         model, meta, spec = _load(checkpoint)
         logits, scores = _predict(model, images, spec)
-        return softmax(logits, float(meta.get("temperature", 1.0))), scores
+        return calibrated(logits, scores, meta), scores
     meta, spec = _meta(checkpoint)
     nc = len(meta["classes"])
     chunks = [images[i : i + 32] for i in range(0, len(images), 32)]

@@ -80,6 +80,27 @@ CORRUPTIONS: dict[str, Corruption] = {
 }
 
 
+# what the unfamiliarity score's shift detector and the shift temperature are fitted on (train
+# and val photos); kept apart from the proxy that checks them (``bench/unfamiliarity.py``:
+# scene, zoom_out_0.6, crop_0.6, dark, background_wood on the test split)
+SHIFT_FIT = (
+    "background_tiles", "background_concrete", "background_dark", "blur_2.5", "jpeg_q15",
+    "warm_bright", "landscape_rot90",
+)  # fmt: skip
+
+
+def corrupt_mixed(
+    images: Sequence[np.ndarray], names: Sequence[str], seed: int = 0
+) -> list[Image.Image]:
+    """Each image under one of *names*, drawn per image (deterministic)."""
+    pick = np.random.default_rng([seed, len(images)]).integers(len(names), size=len(images))
+    out = []
+    for i, a in enumerate(images):
+        rng = np.random.default_rng([seed, i, 7])
+        out.append(CORRUPTIONS[names[pick[i]]](Image.fromarray(a), rng))
+    return out
+
+
 def corrupt(images: Sequence[np.ndarray], name: str, seed: int = 0) -> list[Image.Image]:
     """The images with corruption *name* applied (deterministic per image index)."""
     fn = CORRUPTIONS.get(name) or SITES[name]

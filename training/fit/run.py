@@ -207,17 +207,46 @@ def evaluate_run(cfg: RunConfig, model: nn.Module, data: RunData) -> dict:
 
 
 def fit_unfamiliarity(
-    model: nn.Module, images: dict[str, list], y: dict[str, np.ndarray], spec: PreprocessSpec
+    model: nn.Module,
+    images: dict[str, list],
+    y: dict[str, np.ndarray],
+    spec: PreprocessSpec,
+    temperature: float,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Unfamiliarity statistics of *model*'s features on train, threshold flagging 5% of val."""
+    """Unfamiliarity statistics and the shift temperature of *model* (see the module
+    :mod:`training.model.unfamiliarity`): Gaussians on the train split's features, a shift
+    detector of train photos against the same photos under one ``SHIFT_FIT`` corruption each,
+    the threshold flagging 5% of val, and the slope of the temperature fitted (NLL) on val
+    and val under every ``SHIFT_FIT`` corruption."""
     from training.data.features import extract
+    from training.fit.robustness import SHIFT_FIT, corrupt, corrupt_mixed
     from training.model import unfamiliarity
+    from training.model.calibration import fit_shift_slope
+    from training.model.factory import head_module
 
-    train_x = extract(model, images["train"], spec)
-    val_x = extract(model, images["val"], spec)
-    stats, threshold = unfamiliarity.fit(train_x, y["train"], val_x)
-    info = {"method": "mahalanobis", "threshold": threshold,
-            "val_flagged": unfamiliarity.VAL_FLAGGED, "n_train": len(train_x)}  # fmt: skip
+    def rgb(pil: list) -> list[np.ndarray]:
+        return [np.asarray(p.convert("RGB")) for p in pil]
+
+    arrays = {sp: [np.asarray(im) for im in images[sp]] for sp in ("train", "val")}
+    x = {sp: extract(model, arrays[sp], spec) for sp in ("train", "val")}
+    shifted = extract(model, rgb(corrupt_mixed(arrays["train"], SHIFT_FIT)), spec)
+    stats, threshold = unfamiliarity.fit(x["train"], y["train"], x["val"], shifted_x=shifted)
+    val_shift = np.concatenate(
+        [x["val"]] + [extract(model, rgb(corrupt(arrays["val"], n)), spec) for n in SHIFT_FIT]
+    )
+    head = copy.deepcopy(head_module(model)).float().cpu()
+    with torch.no_grad():
+        logits = head(torch.from_numpy(val_shift)).numpy()
+    slope = fit_shift_slope(
+        logits, np.tile(y["val"], 1 + len(SHIFT_FIT)),
+        unfamiliarity.score(val_shift, stats), temperature,
+    )  # fmt: skip
+    info = {
+        "method": unfamiliarity.method(stats), "threshold": threshold,
+        "val_flagged": unfamiliarity.VAL_FLAGGED, "n_train": len(x["train"]),
+        "shift_slope": slope, "shift_fit": list(SHIFT_FIT),
+    }  # fmt: skip
+    log.info("unfamiliarity: %s, shift slope %.3f", info["method"], slope)
     return stats, info
 
 
@@ -351,7 +380,9 @@ def train(
     write_run_folder(out, data, full, histories)
     metrics = {k: short_metrics(v) if k in ("val", "test", "test_flip_tta") else v
                for k, v in full.items()}  # fmt: skip
-    unfamiliar = fit_unfamiliarity(model, data.images, data.y, data.spec)
+    unfamiliar = fit_unfamiliarity(
+        model, data.images, data.y, data.spec, full["calibration"]["temperature"]
+    )
     summary = save_run_checkpoint(
         cfg, model, data, metrics, time.time() - t_start, out, device_name(device), unfamiliar
     )

@@ -3,7 +3,9 @@
 The float16 copy is scored again on the run's own val and test splits (rebuilt from its
 manifest), so the figures stored with the shipped file are the shipped file's. The temperature
 is refitted on val, and the unfamiliarity statistics on the train split's features.
-Run: ``sortline ship runs/RUN --version 1.0.0``.
+Run: ``sortline ship runs/RUN --version 1.0.0``; a checkpoint file instead of a run folder is
+re-shipped (new calibration and unfamiliarity statistics, same weights) on its own split, rebuilt
+from the dataset it records or ``--data``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from training.config import DEFAULT_CHECKPOINT
-from training.data.dataset import load_resized, read_manifest
+from training.data.dataset import checkpoint_split, load_resized, read_manifest
 from training.fit import evaluate as ev
 from training.model.checkpoint import file_sha256, load_checkpoint, preprocess_spec, save_checkpoint
 
@@ -24,19 +26,27 @@ log = logging.getLogger(__name__)
 
 
 def ship(
-    run_dir: str | Path,
+    source: str | Path,
     *,
     version: str,
+    data: str | Path | None = None,
     out: str | Path = DEFAULT_CHECKPOINT,
     name: str = "sortline-trashnet",
     cache_dir: str = "cache",
     robustness: bool = True,
 ) -> dict:
-    """Write the float16 checkpoint of *run_dir* to *out*, re-scored; return its metrics."""
-    run_dir, out = Path(run_dir), Path(out)
-    model, meta = load_checkpoint(run_dir / "model.safetensors")
-    info = json.loads((run_dir / "manifest.json").read_text())
-    ds = read_manifest(run_dir / "manifest.csv", info["root"])
+    """Write the float16 checkpoint of *source* (a run folder or a checkpoint) to *out*,
+    re-scored; return its metrics."""
+    source, out = Path(source), Path(out)
+    if source.is_dir():
+        model, meta = load_checkpoint(source / "model.safetensors")
+        info = json.loads((source / "manifest.json").read_text())
+        ds = read_manifest(source / "manifest.csv", info["root"])
+        origin = {"source_run": source.name}
+    else:
+        model, meta = load_checkpoint(source)
+        ds = checkpoint_split(meta, data)
+        origin = {"reshipped_from": f"{meta.get('name')}:{meta.get('version')}"}
     tmp = out.with_suffix(".tmp.safetensors")
     save_checkpoint(tmp, model, meta, half=True)
     model, _ = load_checkpoint(tmp)  # the float16 weights, back as float32
@@ -59,18 +69,18 @@ def ship(
     cal = scored["calibration"]
     from training.fit.run import fit_unfamiliarity
 
-    stats, meta["unfamiliarity"] = fit_unfamiliarity(model, images, y, spec)
+    stats, meta["unfamiliarity"] = fit_unfamiliarity(model, images, y, spec, cal["temperature"])
     meta = {
         **meta,
         "name": name,
         "version": version,
         "temperature": cal["temperature"],
         "metrics": metrics,
-        "source_run": run_dir.name,
+        **origin,
     }
     save_checkpoint(tmp, model, meta, half=True, unfamiliarity=stats)
     os.replace(tmp, out)
     out.chmod(0o644)
     sha = file_sha256(out)
-    log.info("shipped %s (%s) -> %s", run_dir, sha[:12], out)
+    log.info("shipped %s (%s) -> %s", source, sha[:12], out)
     return {"path": str(out), "sha256": sha, "bytes": out.stat().st_size, "metrics": metrics}

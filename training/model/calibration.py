@@ -11,15 +11,16 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature``, stable for large logits."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
+def softmax(logits: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (one temperature, or one per row)."""
+    t = np.asarray(temperature, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64) / (t[:, None] if t.ndim else t)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float | np.ndarray = 1.0) -> float:
     p = softmax(logits, temperature)
     return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
 
@@ -62,3 +63,39 @@ def calibration(val_logits: np.ndarray, y_val: Sequence[int] | np.ndarray) -> di
         "nll_before": nll(val_logits, y),
         "nll_after": nll(val_logits, y, t),
     }
+
+
+def temperatures(
+    scores: np.ndarray | None, temperature: float, shift_slope: float = 0.0
+) -> float | np.ndarray:
+    """Per-image temperatures: ``T * (1 + slope * max(0, score))``.
+
+    *scores* are unfamiliarity scores on the scale of :mod:`training.model.unfamiliarity`
+    (0 at the val median, 1 at the threshold), so a typical val photo keeps the val
+    temperature and a photo unlike the training photos gets a softer softmax. Without scores
+    (or a slope) every image gets *temperature*; a NaN score counts as 0.
+    """
+    if scores is None or not shift_slope:
+        return temperature
+    s = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
+    return temperature * (1 + shift_slope * np.maximum(0.0, s))
+
+
+def calibrated(logits: np.ndarray, scores: np.ndarray | None, meta: dict) -> np.ndarray:
+    """A checkpoint's calibrated probabilities: its temperature, softened under shift."""
+    slope = float((meta.get("unfamiliarity") or {}).get("shift_slope", 0.0))
+    return softmax(logits, temperatures(scores, float(meta.get("temperature", 1.0)), slope))
+
+
+def fit_shift_slope(
+    logits: np.ndarray, y: np.ndarray, scores: np.ndarray, temperature: float
+) -> float:
+    """The slope in [0, 5] minimising the NLL of :func:`temperatures` on (shifted) val."""
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(
+        lambda b: nll(logits, y, temperatures(scores, temperature, b)),
+        bounds=(0.0, 5.0),
+        method="bounded",
+    )
+    return float(res.x)
