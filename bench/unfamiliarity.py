@@ -4,7 +4,10 @@ Features of a checkpoint on TrashNet's train/val/test split and on the test spli
 the robustness corruptions (the "new site" proxy); each score's threshold flags 5% of val (--val-flagged).
 Prints, per score: share of clean test and shifted test flagged, AUROC clean-vs-shifted, and
 the confident-error rate (wrong and not flagged, flagged = confidence below the review
-threshold or unfamiliar) on the shifted test.
+threshold or unfamiliar) and ECE on clean and shifted test; the first row is confidence alone
+(1.1.0, shipped without statistics), the last rows the checkpoint's own score (with and without
+its shift temperature). The shifts are kept apart from ``SHIFT_FIT``, what the checkpoint's
+shift detector and temperature were fitted on (train and val photos).
 
     python bench/unfamiliarity.py --data /work/shared/trashnet
 """
@@ -70,19 +73,44 @@ def main() -> None:
     ap.add_argument("--val-flagged", type=float, default=0.05, help="Share of val above it.")
     a = ap.parse_args()
     from training.model import unfamiliarity
-    from training.model.calibration import softmax
+    from training.model.calibration import calibrated, expected_calibration_error, softmax
+    from training.model.checkpoint import read_unfamiliarity
 
     torch.set_num_threads(2)
     t0 = time.time()
     r = features_of(a.checkpoint, a.data, a.cache)
-    f, lg, t = r["feats"], r["logits"], float(r["meta"]["temperature"])
+    f, lg, meta = r["feats"], r["logits"], r["meta"]
+    t = float(meta["temperature"])
     print(f"features ready in {time.time() - t0:.0f} s")
     y = f["test_y"]
     shifted_x = np.concatenate([f[f"{s}_x"] for s in SHIFTS])
     shifted_lg = np.concatenate([lg[s] for s in SHIFTS])
     shifted_y = np.tile(y, len(SHIFTS))
+    review = a.review_threshold
 
-    stats, thr = unfamiliarity.fit(f["train_x"], f["train_y"], f["val_x"], flagged=a.val_flagged)
+    def row(name: str, thr: float, fn, probs=None) -> dict:
+        """Flags and errors of one score (*fn*: features, logits -> score; above *thr*
+        unfamiliar), with probabilities by *probs* (score, logits) or the plain temperature."""
+        out: dict = {"score": name}
+        for split, x, z, yy in (("clean_test", f["test_x"], lg["test"], y),
+                                ("shifted", shifted_x, shifted_lg, shifted_y)):  # fmt: skip
+            s = fn(x, z)
+            p = probs(s, z) if probs else softmax(z, t)
+            flagged = (p.max(1) < review) | (s > thr)
+            out[f"{split}_unfamiliar"] = round(float((s > thr).mean()), 4)
+            out[f"{split}_flagged"] = round(float(flagged.mean()), 4)
+            out[f"{split}_confident_error_rate"] = round(
+                float(((p.argmax(1) != yy) & ~flagged).mean()), 4
+            )
+            out[f"{split}_ece"] = round(expected_calibration_error(p, yy), 4)
+        out["auroc_clean_vs_shifted"] = round(auroc(fn(f["test_x"], lg["test"]),
+                                                    fn(shifted_x, shifted_lg)), 4)  # fmt: skip
+        return out
+
+    def quantile_row(name: str, fn) -> dict:
+        return row(name, float(np.quantile(fn(f["val_x"], lg["val"]), 1 - a.val_flagged)), fn)
+
+    stats, _ = unfamiliarity.fit(f["train_x"], f["train_y"], f["val_x"], flagged=a.val_flagged)
     train_n = f["train_x"] / np.linalg.norm(f["train_x"], axis=1, keepdims=True)
 
     def knn(x: np.ndarray, k: int = 10) -> np.ndarray:
@@ -93,33 +121,33 @@ def main() -> None:
         m = logits.max(1)
         return -(m + np.log(np.exp(logits - m[:, None]).sum(1)))
 
-    scores = {
-        "mahalanobis": lambda x, z: unfamiliarity.score(x, stats),
-        "knn10_cosine": lambda x, z: knn(x),
-        "energy": lambda x, z: energy(z),
-        "max_softmax": lambda x, z: -softmax(z, t).max(1),
-    }
-    rows = []
-    for name, fn in scores.items():
-        thr_s = float(np.quantile(fn(f["val_x"], lg["val"]), 1 - a.val_flagged))
-        clean = fn(f["test_x"], lg["test"])
-        shifted = fn(shifted_x, shifted_lg)
-        p = softmax(shifted_lg, t)
-        wrong = p.argmax(1) != shifted_y
-        flagged = (p.max(1) < a.review_threshold) | (shifted > thr_s)
-        rows.append({
-            "score": name, "clean_test_flagged": round(float((clean > thr_s).mean()), 4),
-            "shifted_flagged": round(float((shifted > thr_s).mean()), 4),
-            "auroc_clean_vs_shifted": round(auroc(clean, shifted), 4),
-            "shifted_confident_error_rate": round(float((wrong & ~flagged).mean()), 4),
-        })  # fmt: skip
+    rows = [
+        row("confidence only (1.1.0: no statistics)", np.inf, lambda x, z: np.zeros(len(x))),
+        quantile_row("mahalanobis", lambda x, z: unfamiliarity.score(x, stats)),
+        quantile_row("knn10_cosine", lambda x, z: knn(x)),
+        quantile_row("energy", lambda x, z: energy(z)),
+        quantile_row("max_softmax", lambda x, z: -softmax(z, t).max(1)),
+    ]
+    own = read_unfamiliarity(a.checkpoint)
+    info = meta.get("unfamiliarity") or {}
+    if own is not None:
+
+        def own_score(x, z):
+            return unfamiliarity.score(x, own)
+
+        rows.append(row(f"checkpoint's own: {info.get('method')}, shift temperature slope "
+                        f"{info.get('shift_slope', 0):.3f}", float(info["threshold"]), own_score,
+                        lambda s, z: calibrated(z, s, meta)))  # fmt: skip
+        rows.append(row(f"checkpoint's own: {info.get('method')}, plain temperature",
+                        float(info["threshold"]), own_score))  # fmt: skip
+    base = rows[0]["shifted_confident_error_rate"]
     p = softmax(shifted_lg, t)
-    base = float(((p.argmax(1) != shifted_y) & (p.max(1) >= a.review_threshold)).mean())
-    print(json.dumps({"confidence_only_confident_error_rate": round(base, 4),
+    print(json.dumps({"checkpoint": f"{meta.get('name')}:{meta.get('version')}",
                       "shifted_accuracy": round(float((p.argmax(1) == shifted_y).mean()), 4),
                       "n_clean_test": len(y), "n_shifted": len(shifted_y)}))  # fmt: skip
-    for row in rows:
-        print(json.dumps(row))
+    for r_ in rows:
+        r_["shifted_cer_change"] = round(r_["shifted_confident_error_rate"] / base - 1, 3)
+        print(json.dumps(r_))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,34 @@ def test_activation_refuses_a_weaker_model_unless_forced(sqlite_url):
         assert active_model(s).version == "good"
         activate_model(s, ref="m:worse", force=True)  # the rollback
         assert active_model(s).version == "worse"
+
+
+@pytest.mark.parametrize("stale_was_active", [True, False])
+def test_a_reshipped_model_file_is_registered_and_replaces_only_a_stale_active_row(
+    tmp_path, stale_was_active
+):
+    """Migration 0005: a database migrated when the shipped file held another version."""
+    import sqlalchemy as sa
+
+    from db.engine import get_engine
+    from db.migrate import upgrade
+    from training.config import DEFAULT_CHECKPOINT
+    from training.model.checkpoint import read_metadata
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0004")
+    with get_engine(url).begin() as conn:  # as if 0002 had registered an earlier file
+        conn.execute(sa.text("UPDATE models SET version = 'old', sha256 = 'stale'"))
+    with session_scope(url) as s:
+        if not stale_was_active:
+            _register(s, "mine", 0.97)
+            activate_model(s, ref="m:mine", force=True)
+    upgrade(url)
+    shipped = read_metadata(DEFAULT_CHECKPOINT)
+    with session_scope(url) as s:
+        rows = {r.version: r for r in list_models(s)}
+        assert shipped["version"] in rows and "old" in rows
+        expected = shipped["version"] if stale_was_active else "mine"
+        assert active_model(s).version == expected
+        assert [r.version for r in rows.values() if r.active] == [expected]
+    upgrade(url)  # idempotent
