@@ -79,7 +79,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "ship": (
         "train:ship",
-        "Write a run's float16 checkpoint as the shipped model, re-scored on val and test.",
+        "Write a run's (or a checkpoint's) float16 model as the shipped one, re-scored.",
     ),
     "models": (
         "models:models",

@@ -40,7 +40,9 @@ def tiny_checkpoint(
         feats = extract(model, imgs, spec)
         dark = extract(model, [(a * 0.4).astype(np.uint8) for a in imgs[:80]], spec)
         stats, thr = unf.fit(feats[:80], np.arange(80) % len(CLASSES), feats[80:], shifted_x=dark)
-        extra = {"unfamiliarity": {"method": unf.method(stats), "threshold": thr, "shift_slope": 0.5}}
+        extra = {
+            "unfamiliarity": {"method": unf.method(stats), "threshold": thr, "shift_slope": 0.5}
+        }
     save_checkpoint(
         path,
         model,
