@@ -30,7 +30,7 @@ from training.model.checkpoint import (
     read_metadata,
     verify_sha256,
 )
-from training.model.export import PRECISIONS, resolve_precision
+from training.model.export import PRECISIONS, read_calibration, resolve_precision
 from worker.config import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -206,9 +206,6 @@ class Classifier:
         self.classes: list[str] = list(meta["classes"])
         self.spec = preprocess_spec(meta)
         self.version = model_version(meta)
-        override = get_worker_settings().unfamiliar_threshold
-        fitted = (meta.get("unfamiliarity") or {}).get("threshold")
-        self.unfamiliar_threshold: float | None = override if override is not None else fitted
         if runtime not in ("auto", "onnx", "torch"):
             raise ConfigError(f"SORTLINE_RUNTIME must be auto, onnx or torch, not {runtime!r}")
         if precision not in PRECISIONS:
@@ -230,6 +227,11 @@ class Classifier:
         self.batcher: MicroBatcher | None = None  # made by get_batcher on first use
         self.runtime = self.backend.name
         self.precision = self.backend.precision
+        override = get_worker_settings().unfamiliar_threshold
+        fitted = (meta.get("unfamiliarity") or {}).get("threshold")
+        if self.precision == "int8":  # refitted on the int8 model's own val scores
+            fitted = (read_calibration(self.path) or {}).get("unfamiliar_threshold", fitted)
+        self.unfamiliar_threshold: float | None = override if override is not None else fitted
         log.info("loaded %s (%s) with %s %s", self.version, self.path, self.runtime, self.precision)
 
     def close(self) -> None:

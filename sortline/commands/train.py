@@ -312,7 +312,7 @@ def evaluate(checkpoint, data, runtime, precision, as_json) -> None:
     from worker.runtime import served_classifier
 
     clf = served_classifier(checkpoint, runtime=runtime, precision=precision)
-    m = evaluate_checkpoint(checkpoint, data, predict=clf.predict, **_review_settings())
+    m = evaluate_checkpoint(checkpoint, data, predict=clf.predict, **_review_settings(clf))
     m.update(runtime=clf.runtime, precision=clf.precision)
     if as_json:
         keep = (
@@ -375,7 +375,7 @@ def predict(images, checkpoint, grid, runtime, precision, as_json) -> None:
     if missing:
         fail(f"no such file: {', '.join(missing)}")
     clf = served_classifier(checkpoint, runtime=runtime, precision=precision)
-    results = predict_files(images, checkpoint, predict=clf.predict, **_review_settings())
+    results = predict_files(images, checkpoint, predict=clf.predict, **_review_settings(clf))
     served = {"runtime": clf.runtime, "precision": clf.precision}
     failed = 0
     for r in results:
@@ -522,12 +522,16 @@ def ship(
     click.echo(json.dumps(res, indent=1))
 
 
-def _review_settings() -> dict:
-    """The review thresholds the workers use (SORTLINE_REVIEW/UNFAMILIAR_THRESHOLD)."""
+def _review_settings(clf) -> dict:
+    """The thresholds a worker running *clf* uses: SORTLINE_REVIEW_THRESHOLD, and the
+    classifier's unfamiliarity threshold (SORTLINE_UNFAMILIAR_THRESHOLD, else the int8
+    calibration's or the checkpoint's)."""
     from worker.config import get_worker_settings
 
-    s = get_worker_settings()
-    return {"review_threshold": s.review_threshold, "unfamiliar_override": s.unfamiliar_threshold}
+    return {
+        "review_threshold": get_worker_settings().review_threshold,
+        "unfamiliar_override": clf.unfamiliar_threshold,
+    }
 
 
 @click.command()

@@ -10,7 +10,9 @@ from db.service import list_results
 from producer.submit import submit_bytes, wait_for_job
 from sortline.cli import cli
 from tests.support.fixtures import jpeg_bytes, tiny_checkpoint
+from training.config import DEFAULT_CHECKPOINT
 from training.fit.run import register
+from training.model.checkpoint import read_metadata
 
 pytestmark = pytest.mark.integration
 
@@ -56,4 +58,5 @@ def test_activation_reaches_a_running_worker_and_rollback_restores(make_worker, 
     assert worker.proc.poll() is None and worker.children() == pool  # the same processes
     listing = _cli("models").output.splitlines()
     assert [line.split()[1] for line in listing if line.startswith("*")] == ["tiny-test:1"]
-    assert any("sortline-trashnet:1.1.0" in line for line in listing)  # the shipped model
+    shipped = read_metadata(DEFAULT_CHECKPOINT)["version"]
+    assert any(f"sortline-trashnet:{shipped}" in line for line in listing)  # the shipped model

@@ -219,3 +219,34 @@ def test_precision_without_a_calibration(tiny_model):
         Classifier(tiny_model, runtime="torch", device="cpu", precision="int8")
     with pytest.raises(ConfigError, match="SORTLINE_PRECISION must be"):
         Classifier(tiny_model, precision="int4")
+
+
+def test_int8_keeps_the_unfamiliarity_score_in_float(tmp_path, monkeypatch, request):
+    """Quantized, the score's activations were clipped to the calibration photos' ranges."""
+    from db.config import clear_settings
+    from tests.support.fixtures import jpeg_bytes, tiny_checkpoint
+    from tests.unit.test_training import make_imagefolder
+    from training.fit.quantize import calibrate_int8
+    from training.model.export import cached_onnx, unfamiliarity_nodes
+    from training.model.preprocess import load_and_preprocess
+
+    monkeypatch.setenv("SORTLINE_CACHE_DIR", str(tmp_path / "cache"))
+    clear_settings()
+    request.addfinalizer(clear_settings)
+    ckpt = tiny_checkpoint(tmp_path / "m" / "s.safetensors", unfamiliarity=True)
+    calibrate_int8(ckpt, make_imagefolder(tmp_path / "data", per_class=10), images=30,
+                   methods=("minmax",))  # fmt: skip
+    int8 = Classifier(ckpt, runtime="onnx", device="cpu")
+    fp32 = Classifier(ckpt, runtime="onnx", device="cpu", precision="fp32")
+    assert int8.precision == "int8"
+    fp32_graph = cached_onnx(ckpt, tmp_path / "cache", precision="fp32")
+    assert {"/MatMul", "/ReduceMin", "/Max"} <= set(unfamiliarity_nodes(fp32_graph))
+    spec = fp32.spec
+    rng = np.random.default_rng(0)
+    clean = [load_and_preprocess(jpeg_bytes(i), spec) for i in range(8)]
+    noise = [rng.standard_normal(clean[0].shape).astype(np.float32) * 3 for _ in range(8)]
+    batch = np.stack(clean + noise)
+    s8, s32 = int8.predict(batch)[:, -1], fp32.predict(batch)[:, -1]
+    assert s32[8:].min() > 1.0  # noise is unfamiliar in fp32 ...
+    assert s8[8:].min() > 1.0  # ... and in int8, not clipped to the clean photos' range
+    assert ((s8 > 1.0) == (s32 > 1.0)).all()

@@ -344,8 +344,9 @@ def test_robustness_report_is_deterministic():
 def test_register_records_the_checkpoint(frozen_run, tmp_path, monkeypatch):
     from db.engine import session_scope
     from db.service import active_model, get_model
+    from training.config import DEFAULT_CHECKPOINT
     from training.fit.run import register
-    from training.model.checkpoint import file_sha256
+    from training.model.checkpoint import file_sha256, read_metadata
 
     url = f"sqlite:///{tmp_path / 'reg.db'}"
     monkeypatch.setenv("SORTLINE_DATABASE_URL", url)
@@ -355,4 +356,5 @@ def test_register_records_the_checkpoint(frozen_run, tmp_path, monkeypatch):
         rec = get_model(s, ref="sortline-trashnet:t1")
         assert rec.sha256 == file_sha256(ckpt) and rec.classes == CLASSES
         assert rec.metrics["test"]["n"] > 0
-        assert not rec.active and active_model(s).version == "1.1.0"  # a candidate
+        shipped = read_metadata(DEFAULT_CHECKPOINT)["version"]
+        assert not rec.active and active_model(s).version == shipped  # a candidate
