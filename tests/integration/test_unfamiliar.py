@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -34,7 +35,9 @@ def test_unfamiliar_images_need_review_whatever_their_confidence(make_worker, sc
     assert wait_for_job(job_id, timeout=90).done == len(photos)
     with session_scope() as s:
         rows = list_results(s, job_id=job_id)
-    assert all(r.unfamiliarity is not None and r.unfamiliarity >= 0 for r in rows)
+    # the score: 0 at the val median, the threshold 1.0 (Mahalanobis and shift detector)
+    assert thr == 1.0
+    assert all(r.unfamiliarity is not None and math.isfinite(r.unfamiliarity) for r in rows)
     assert all(r.unfamiliar == (r.unfamiliarity > thr) for r in rows)
     # with no confidence threshold, exactly the unfamiliar ones need review
     assert all(r.needs_review == r.unfamiliar for r in rows)
