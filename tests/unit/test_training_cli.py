@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -129,7 +130,7 @@ def test_predict_json_and_grid(trained, tmp_path):
     lines = [json.loads(x) for x in r.output.strip().splitlines()]
     assert lines[0]["label"] in CLASSES and 0 < lines[0]["confidence"] <= 1
     assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-5
-    assert lines[0]["unfamiliarity"] >= 0 and isinstance(lines[0]["unfamiliar"], bool)
+    assert math.isfinite(lines[0]["unfamiliarity"]) and isinstance(lines[0]["unfamiliar"], bool)
     assert lines[0]["needs_review"] == (lines[0]["confidence"] < 0.6 or lines[0]["unfamiliar"])
     assert (lines[0]["runtime"], lines[0]["precision"]) == ("onnx", "fp32")
     assert lines[0]["status"] == "ok" and lines[0]["error"] is None
