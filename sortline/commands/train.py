@@ -75,6 +75,18 @@ from training.data.augment import PRESETS
 )
 @click.option("--tta/--no-tta", default=False, help="finetune: also report flip-TTA test figures.")
 @click.option(
+    "--resize",
+    type=click.IntRange(16),
+    default=None,
+    help="Shorter side the photos are resized to [the architecture's own; Lite2 292].",
+)
+@click.option(
+    "--crop",
+    type=click.IntRange(16),
+    default=None,
+    help="Square input the network sees (training crops, centre crop at evaluation) [Lite2 260].",
+)
+@click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
@@ -140,6 +152,8 @@ def train(
     ema,
     wise_alpha,
     tta,
+    resize,
+    crop,
     device,
     teachers,
     distill_weight,
@@ -207,6 +221,8 @@ def train(
         arch=arch,
         mode=mode,
         pretrained=pretrained,
+        resize=resize,
+        crop=crop,
         augment=augment,
         aug_views=aug_views,
         balance=balance,
@@ -227,6 +243,7 @@ def train(
         cfg = replace(study_cfg, out=str(out), device=device, teachers=tuple(teachers))
         o = cfg.study
         click.echo(f"study {o['name']}: best trial {o['trial']} (val macro-F1 {o['value']:.4f})")
+    cfg.validate()  # before anything is printed or written
 
     def progress(rec: dict) -> None:
         click.echo(

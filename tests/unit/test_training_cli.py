@@ -30,6 +30,10 @@ def trained(tmp_path_factory):
             "none",
             "--epochs",
             "2",
+            "--resize",
+            "44",
+            "--crop",
+            "36",
             "--out",
             str(out),
             "--no-register",
@@ -39,6 +43,17 @@ def trained(tmp_path_factory):
     )
     assert r.exit_code == 0, r.output
     return {"data": data, "out": out, "output": r.output}
+
+
+def test_train_takes_the_input_size_and_refuses_a_crop_larger_than_the_resize(trained, tmp_path):
+    from training.model.checkpoint import preprocess_spec, read_metadata
+
+    spec = preprocess_spec(read_metadata(trained["out"] / "model.safetensors"))
+    assert (spec.resize, spec.crop) == (44, 36)
+    r = CliRunner().invoke(cli, ["train", "--data", str(trained["data"]), "--arch", "tiny",
+                                 "--resize", "32", "--crop", "40", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert r.exit_code != 0 and "--crop 40 is larger than --resize 32" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_train_shows_progress_per_epoch(trained):

@@ -85,6 +85,8 @@ class RunConfig:
         if self.mode not in ("frozen", "finetune"):
             raise ConfigError(f"mode must be frozen or finetune, not {self.mode!r}")
         check_balance(self.balance)
+        if self.resize and self.crop and self.crop > self.resize:
+            raise ConfigError(f"--crop {self.crop} is larger than --resize {self.resize}")
         if self.teachers and self.mode != "finetune":
             raise ConfigError("distilling from teachers needs --mode finetune")
         if self.arch not in ARCHS:
