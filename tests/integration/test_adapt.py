@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from producer.submit import submit_paths, wait_for_job
 from sortline.cli import cli
-from tests.unit.test_training import make_imagefolder
+from tests.support.fixtures import tiny_run
 
 pytestmark = pytest.mark.integration
 
@@ -19,15 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """A tiny model trained on generated photos: the site's current model."""
-    from training.fit.run import RunConfig, train
-    from training.fit.train import FrozenParams
-
-    root = tmp_path_factory.mktemp("adapt")
-    data = make_imagefolder(root / "data", per_class=8)
-    cfg = RunConfig(data=str(data), out=str(root / "run"), arch="tiny", pretrained="none",
-                    frozen=FrozenParams(epochs=2), aug_views=0, register=False, version="1.0.0",
-                    cache_dir=str(root / "cache"), robustness=False)  # fmt: skip
-    return {"data": data, "cache": root / "cache", "checkpoint": train(cfg)["checkpoint"]}
+    return tiny_run(tmp_path_factory.mktemp("adapt"))
 
 
 def test_review_loop_then_adapt_on_the_reviewed_folder(base, make_worker, tmp_path):

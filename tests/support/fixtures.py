@@ -81,3 +81,18 @@ def write_images(folder: Path, n: int, *, prefix: str = "img") -> list[Path]:
         p.write_bytes(jpeg_bytes(i))
         paths.append(p)
     return paths
+
+
+def tiny_run(root: Path) -> dict:
+    """A tiny frozen run (2 epochs, version 1.0.0) on generated photos under *root*: its data
+    folder, feature cache and checkpoint (the base model the adapt tests start from)."""
+    from tests.unit.test_training import make_imagefolder
+    from training.fit.run import RunConfig, train
+    from training.fit.train import FrozenParams
+
+    data = make_imagefolder(root / "data", per_class=8)
+    cfg = RunConfig(data=str(data), out=str(root / "run"), arch="tiny", pretrained="none",
+                    frozen=FrozenParams(epochs=2), aug_views=0, register=False, version="1.0.0",
+                    cache_dir=str(root / "cache"), robustness=False)  # fmt: skip
+    return {"root": root, "data": data, "cache": root / "cache",
+            "checkpoint": Path(train(cfg)["checkpoint"])}  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sortline.cli import cli
+from tests.support.fixtures import tiny_run
 from tests.unit.test_training import CLASSES, make_imagefolder
 from training.data.dataset import DatasetError
 from training.fit.adapt import bump_version
@@ -19,16 +20,7 @@ from training.fit.adapt import bump_version
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """A tiny frozen run on generated photos: the base model to adapt."""
-    from training.fit.run import RunConfig, train
-    from training.fit.train import FrozenParams
-
-    root = tmp_path_factory.mktemp("adapt")
-    data = make_imagefolder(root / "data", per_class=8)
-    cfg = RunConfig(data=str(data), out=str(root / "run"), arch="tiny", pretrained="none",
-                    frozen=FrozenParams(epochs=2), aug_views=0, register=False, version="1.0.0",
-                    cache_dir=str(root / "cache"), robustness=False)  # fmt: skip
-    summary = train(cfg)
-    return {"root": root, "data": data, "checkpoint": Path(summary["checkpoint"])}
+    return tiny_run(tmp_path_factory.mktemp("adapt"))
 
 
 def _reviewed(base: dict, folder: Path) -> Path:
