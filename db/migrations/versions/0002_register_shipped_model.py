@@ -47,22 +47,22 @@ def _shipped_meta() -> dict | None:
     return json.loads(header["__metadata__"]["sortline"])
 
 
+def _count(conn, models: sa.Table, *where) -> int:
+    """Rows of ``models`` matching *where*."""
+    return conn.execute(
+        sa.select(sa.func.count()).select_from(models).where(*where)
+    ).scalar()
+
+
 def upgrade() -> None:
     meta = _shipped_meta()
     if meta is None:  # an installation without the shipped file
         return
     conn = op.get_bind()
     models = _models_table()
-    known = conn.execute(
-        sa.select(sa.func.count()).select_from(models).where(
-            models.c.name == meta["name"], models.c.version == meta["version"]
-        )
-    ).scalar()
-    if known:
+    if _count(conn, models, models.c.name == meta["name"], models.c.version == meta["version"]):
         return
-    any_active = conn.execute(
-        sa.select(sa.func.count()).select_from(models).where(models.c.active.is_(True))
-    ).scalar()
+    any_active = _count(conn, models, models.c.active.is_(True))
     op.bulk_insert(models, [{
         "name": meta["name"], "version": meta["version"], "arch": meta["arch"],
         "path": str(SHIPPED), "sha256": hashlib.sha256(SHIPPED.read_bytes()).hexdigest(),

@@ -40,22 +40,14 @@ def upgrade() -> None:
         return
     conn = op.get_bind()
     models = _0002._models_table()
-    known = conn.execute(
-        sa.select(sa.func.count()).select_from(models).where(
-            models.c.name == meta["name"], models.c.version == meta["version"]
-        )
-    ).scalar()
-    if known:
+    count = _0002._count
+    if count(conn, models, models.c.name == meta["name"], models.c.version == meta["version"]):
         return
     sha = hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
-    stale_active = conn.execute(
-        sa.select(sa.func.count()).select_from(models).where(
-            models.c.path == str(SHIPPED), models.c.sha256 != sha, models.c.active.is_(True)
-        )
-    ).scalar()
-    any_active = conn.execute(
-        sa.select(sa.func.count()).select_from(models).where(models.c.active.is_(True))
-    ).scalar()
+    stale_active = count(
+        conn, models, models.c.path == str(SHIPPED), models.c.sha256 != sha, models.c.active.is_(True)
+    )
+    any_active = count(conn, models, models.c.active.is_(True))
     activate = bool(stale_active) or not any_active
     if activate:
         op.execute(models.update().where(models.c.active.is_(True)).values(active=False))
