@@ -68,6 +68,20 @@ from training.data.augment import PRESETS
     "--ema", type=float, default=0.0, show_default=True, help="finetune: EMA decay (0 = off)."
 )
 @click.option(
+    "--layer-decay",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="finetune: layer-wise LR decay; a layer k blocks below the top gets backbone-lr * d**k.",
+)
+@click.option(
+    "--drop-path",
+    type=click.FloatRange(0, 0.5),
+    default=0.0,
+    show_default=True,
+    help="finetune: stochastic depth rate (timm architectures).",
+)
+@click.option(
     "--wise-alpha",
     type=float,
     default=None,
@@ -150,6 +164,8 @@ def train(
     balance,
     aug_views,
     ema,
+    layer_decay,
+    drop_path,
     wise_alpha,
     tta,
     resize,
@@ -201,8 +217,9 @@ def train(
     )
     frozen = FrozenParams(batch_size=batch_size)
     ft = FinetuneParams(
-        batch_size=batch_size, ema_decay=ema, tta=tta, distill_weight=distill_weight
-    )
+        batch_size=batch_size, ema_decay=ema, tta=tta, distill_weight=distill_weight,
+        layer_decay=layer_decay, drop_path=drop_path,
+    )  # fmt: skip
     if mode == "frozen":
         frozen = replace(
             frozen, **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}

@@ -280,6 +280,40 @@ def test_finetune_run_with_wise_selection(imagefolder, tmp_path):
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 3
 
 
+def test_layer_decay_lowers_the_rate_block_by_block_towards_the_input():
+    from training.fit.train import FinetuneParams, _optimizer
+    from training.model.factory import create_model
+
+    model = create_model("efficientnet_lite0", num_classes=6, pretrained="none")
+    flat, _ = _optimizer(model, FinetuneParams(backbone_lr=1e-3, lr=1e-2), 64)
+    assert [g["initial_lr"] for g in flat.param_groups] == [1e-3, 1e-2]
+    opt, _ = _optimizer(model, FinetuneParams(backbone_lr=1e-3, lr=1e-2, layer_decay=0.5), 64)
+    lrs = [g["initial_lr"] for g in opt.param_groups]
+    # conv_stem, bn1, 7 stages of blocks, conv_head, bn2, then the head
+    assert len(lrs) == 12 and lrs[-1] == 1e-2 and lrs[-2] == pytest.approx(1e-3)
+    assert lrs[:-1] == pytest.approx([1e-3 * 0.5**k for k in range(10, -1, -1)])
+    first = {id(p) for p in opt.param_groups[0]["params"]}
+    assert first == {id(p) for p in model.conv_stem.parameters()}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_drop_path_is_stochastic_in_training_only():
+    from sortline.errors import ConfigError
+    from training.model.factory import create_model
+
+    model = create_model("efficientnet_lite0", num_classes=6, pretrained="none", drop_path=0.2)
+    assert any(type(m).__name__ == "DropPath" for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), model(x))
+        torch.manual_seed(0)
+        a = model.train()(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(a, model(x))
+    with pytest.raises(ConfigError, match="needs a timm architecture"):
+        create_model("tiny", num_classes=6, drop_path=0.1)
+
+
 # ---------------------------------------------------------------- calibration, export
 
 

@@ -173,3 +173,20 @@ def test_user_errors_have_no_traceback(trained, tmp_path):
 def test_every_command_has_help(command):
     r = CliRunner().invoke(cli, [command, "--help"])
     assert r.exit_code == 0 and len(r.output) > 100
+
+
+def test_train_records_layer_decay_and_refuses_one_out_of_range(trained, tmp_path):
+    from training.model.checkpoint import read_metadata
+
+    base = ["train", "--data", str(trained["data"]), "--arch", "tiny", "--pretrained", "none",
+            "--mode", "finetune", "--epochs", "1", "--wise-alpha", "1", "--no-register",
+            "--no-robustness"]  # fmt: skip
+    env = {"SORTLINE_CACHE_DIR": str(tmp_path / "cache")}
+    r = CliRunner().invoke(cli, [*base, "--layer-decay", "0", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--layer-decay" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(
+        cli, [*base, "--layer-decay", "0.7", "--out", str(tmp_path / "run")], env=env
+    )
+    assert r.exit_code == 0, r.output
+    ft = read_metadata(tmp_path / "run" / "model.safetensors")["training"]["finetune"]
+    assert ft["layer_decay"] == 0.7 and ft["drop_path"] == 0.0

@@ -364,7 +364,10 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     data = load_data(cfg, out)
-    model = create_model(cfg.arch, num_classes=len(data.classes), pretrained=cfg.pretrained)
+    drop_path = cfg.finetune.drop_path if cfg.mode == "finetune" else 0.0
+    model = create_model(
+        cfg.arch, num_classes=len(data.classes), pretrained=cfg.pretrained, drop_path=drop_path
+    )
     model = model.to(device, memory_format=torch.channels_last).eval()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -27,7 +27,7 @@ from training.data.augment import build_augment
 from training.data.features import seed_everything
 from training.fit import evaluate as ev
 from training.model.calibration import nll
-from training.model.factory import split_backbone_head
+from training.model.factory import layer_depths, split_backbone_head
 from training.model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,8 @@ class FinetuneParams:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 = off
+    layer_decay: float = 1.0  # layer-wise LR decay: a backbone layer gets backbone_lr * d**depth
+    drop_path: float = 0.0  # stochastic depth rate of the network (timm architectures)
     augment: str = "robust"
     balance: str = "sampler"
     freeze_bn: bool = True  # keep BatchNorm statistics from pre-training (better robustness)
@@ -289,11 +291,20 @@ def wise_blend(zero: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], alpha
 
 
 def _optimizer(model: nn.Module, params: FinetuneParams, n_train: int):
-    """AdamW with a lower backbone learning rate; linear warm-up, then a cosine per step."""
+    """AdamW with a lower backbone learning rate (decayed layer by layer towards the input
+    with ``layer_decay`` < 1); linear warm-up, then a cosine per step."""
     backbone, head = split_backbone_head(model)
+    groups = [{"params": backbone, "lr": params.backbone_lr}]
+    if params.layer_decay < 1:
+        depth = layer_depths(model, backbone)
+        top = max(depth)
+        groups = [
+            {"params": [p for p, d in zip(backbone, depth, strict=True) if d == k],
+             "lr": params.backbone_lr * params.layer_decay ** (top - k)}
+            for k in sorted(set(depth))
+        ]  # fmt: skip
     opt = torch.optim.AdamW(
-        [{"params": backbone, "lr": params.backbone_lr}, {"params": head, "lr": params.lr}],
-        weight_decay=params.weight_decay,
+        [*groups, {"params": head, "lr": params.lr}], weight_decay=params.weight_decay
     )
     steps_per_epoch = math.ceil(n_train / params.batch_size)
     total = params.epochs * steps_per_epoch

