@@ -203,9 +203,10 @@ def create_model(
     import timm
 
     try:
+        extra: dict[str, Any] = {"drop_path_rate": drop_path} if drop_path else {}
         model = timm.create_model(
             info.hub_name, pretrained=pretrained == "hub", num_classes=1000, drop_rate=drop_rate,
-            **({"drop_path_rate": drop_path} if drop_path else {}),
+            **extra,
         )  # fmt: skip
     except Exception as e:
         raise _hub_error(name, e) from e
