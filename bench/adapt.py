@@ -94,15 +94,14 @@ def oracle_head(base, ds, spec, feats, a) -> torch.nn.Module:
     site = [np.asarray(p.convert("RGB")) for p in corrupt(imgs, a.site, seed=1)]
     x = np.concatenate([feats["train_x"], extract(base, site, spec)])
     y = np.concatenate([feats["train_y"], feats["train_y"]])
-    lin = last_linear(base)
+    model = copy.deepcopy(base)
+    lin = last_linear(model)
     w, b = fit_head(lin.weight.detach().numpy(), lin.bias.detach().numpy(), x, y,
                     np.ones(len(y)), AdaptParams())  # fmt: skip
-    head = copy.deepcopy(head_module(base)).float()
-    out = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
-        out.weight.copy_(torch.from_numpy(w))
-        out.bias.copy_(torch.from_numpy(b))
-    return head
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.copy_(torch.from_numpy(b))
+    return head_module(model).float()
 
 
 def seeds(spec: str) -> list[int]:
