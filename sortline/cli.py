@@ -77,6 +77,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train:soup",
         "Average like fine-tuned runs into one model; score members and soup on val.",
     ),
+    "refit": (
+        "train:refit",
+        "Train a checkpoint's recipe again on all its split's images (train + val + test).",
+    ),
     "ship": (
         "train:ship",
         "Write a run's (or a checkpoint's) float16 model as the shipped one, re-scored.",

@@ -556,6 +556,61 @@ def ship(
     click.echo(json.dumps(res, indent=1))
 
 
+@click.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="The dataset SOURCE was trained on [the one it records].",
+)
+@click.option("--version", default=None, help="Version of the refit [UTC time].")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train (as in `sortline train`).",
+)
+@click.option("--no-register", is_flag=True, help="Do not record it as a candidate.")
+@cache_dir_option
+def refit(
+    source: str,
+    out: str,
+    data: str | None,
+    version: str | None,
+    device: str,
+    no_register: bool,
+    cache_dir: Path | None,
+) -> None:
+    """Train a checkpoint's recipe again on all its split's images (train + val + test).
+
+    The WiSE-FT weight, temperature and share of unfamiliar photos are carried over from
+    SOURCE; its val/test figures stay as the recipe's. Ship the run folder with `sortline ship`.
+    """
+    from training.fit.refit import refit as run_refit
+
+    def progress(rec: dict) -> None:
+        click.echo(
+            f"epoch {rec['epoch']:>3}  train loss {rec['train_loss']:.4f}  "
+            f"train acc {rec['train_acc']:.4f}  ({rec['seconds']:.1f} s)"
+        )
+
+    click.echo(f"refitting {source} on all of its split's images -> {out}")
+    summary = run_refit(
+        source, out=out, data=data, version=version, cache_dir=str(_cache(cache_dir)),
+        device=device, register_model=not no_register, on_epoch=progress,
+    )  # fmt: skip
+    r = summary["refit"]
+    click.echo(
+        f"checkpoint {summary['checkpoint']}: {r['images']} images, WiSE-FT weight "
+        f"{r['wise_alpha']}, {summary['seconds']:.0f} s on {summary['ran_on']}"
+    )
+    if summary.get("registered"):
+        click.echo(f"registered as {summary['registered']} (a candidate)")
+
+
 def _review_settings(clf) -> dict:
     """The thresholds a worker running *clf* uses: SORTLINE_REVIEW_THRESHOLD, and the
     classifier's unfamiliarity threshold (SORTLINE_UNFAMILIAR_THRESHOLD, else the int8

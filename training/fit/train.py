@@ -100,18 +100,20 @@ def _val_record(
     epoch: int,
     train_loss: float,
     train_acc: float,
-    logits: np.ndarray,
+    logits: np.ndarray | None,
     y: np.ndarray,
     classes_n: int,
     seconds: float,
 ) -> dict:
+    """One epoch's record; without val images (a refit on all the data), train figures only."""
+    rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
+    if logits is None or not len(y):
+        return {**rec, "seconds": round(seconds, 2)}
     pred = logits.argmax(1)
     from sklearn.metrics import f1_score
 
     return {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "train_acc": train_acc,
+        **rec,
         "val_loss": nll(logits, y),
         "val_acc": float((pred == y).mean()),
         "val_macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(classes_n)))),
@@ -408,7 +410,9 @@ def train_finetune(
             distill_weight=params.distill_weight,
         )  # fmt: skip
         scored = ema.shadow if ema else model
-        val_logits = ev.predict_logits(scored, val_images, spec, tta=params.tta)
+        val_logits = (
+            ev.predict_logits(scored, val_images, spec, tta=params.tta) if len(y_val) else None
+        )
         rec = _val_record(
             epoch, train_loss, train_acc, val_logits, y_val, num_classes, time.perf_counter() - t0
         )
