@@ -128,26 +128,19 @@ def test_micro_batcher_does_not_wait_for_a_task_already_served():
 
 
 @pytest.fixture
-def calibrated(tiny_model, tmp_path):
-    """A copy of the tiny checkpoint with its int8 calibration beside it, as `sortline quantize` writes."""
-    import shutil
-
+def calibrated(tmp_path):
+    """A tiny checkpoint whose head was fitted on an ImageFolder, with its int8 calibration
+    (on the same folder's split) beside it, as `sortline quantize` writes."""
+    from tests.support.fixtures import tiny_checkpoint
     from tests.unit.test_training import make_imagefolder
     from training.fit.quantize import calibrate_int8
 
-    ckpt = tmp_path / "m" / "tiny.safetensors"
-    ckpt.parent.mkdir()
-    shutil.copy(tiny_model, ckpt)
     data = make_imagefolder(tmp_path / "data", per_class=10)
+    ckpt = tiny_checkpoint(tmp_path / "m" / "tiny.safetensors", train_on=data)
     report = calibrate_int8(ckpt, data, images=30, methods=("minmax", "minmax-average"))
     return ckpt, report
 
 
-@pytest.mark.xfail(
-    reason="the random tiny network's int8 labels flip 1 of 11 near-tied check images with "
-    "the packages installed on 2026-12-02 (also at the landed 82c5cfc): the 1% rule refuses it",
-    strict=False,
-)
 def test_calibration_compares_methods_on_val_and_keeps_the_best(calibrated):
     import json
 
@@ -162,15 +155,11 @@ def test_calibration_compares_methods_on_val_and_keeps_the_best(calibrated):
     assert info["checkpoint_sha256"] == file_sha256(ckpt) and info["method"] == report["method"]
 
 
-@pytest.mark.xfail(
-    reason="the random tiny network's int8 labels flip 1 of 11 near-tied check images with "
-    "the packages installed on 2026-12-02 (also at the landed 82c5cfc): the 1% rule refuses it",
-    strict=False,
-)
 def test_int8_model_is_cached_beside_fp32_and_close_to_it(
-    calibrated, batch, tmp_path, monkeypatch, request
+    calibrated, tmp_path, monkeypatch, request
 ):
     from db.config import clear_settings
+    from training.model.export import check_arrays
 
     monkeypatch.setenv("SORTLINE_CACHE_DIR", str(tmp_path / "cache"))
     clear_settings()
@@ -183,15 +172,11 @@ def test_int8_model_is_cached_beside_fp32_and_close_to_it(
     assert [n.split(".", 1)[1] for n in names] == ["fp32.onnx", "int8.onnx"]
     assert names[0].split(".")[0] == names[1].split(".")[0]  # one key: the checkpoint's sha256
     nc = len(fp32.classes)  # predict: the probabilities, then the unfamiliarity score
-    p8, p32 = int8.predict(batch)[:, :nc], fp32.predict(batch)[:, :nc]
+    photos = check_arrays(ckpt)  # photos like the ones it was calibrated on
+    p8, p32 = int8.predict(photos)[:, :nc], fp32.predict(photos)[:, :nc]
     assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.9 and np.abs(p8 - p32).max() < 0.1
 
 
-@pytest.mark.xfail(
-    reason="the random tiny network's int8 labels flip 1 of 11 near-tied check images with "
-    "the packages installed on 2026-12-02 (also at the landed 82c5cfc): the 1% rule refuses it",
-    strict=False,
-)
 def test_int8_that_disagrees_with_fp32_is_refused(calibrated, tmp_path):
     """The parity check refuses a model whose labels differ on more than 1% of the check images."""
     import onnx
@@ -237,8 +222,11 @@ def test_precision_without_a_calibration(tiny_model):
 
 
 @pytest.mark.xfail(
-    reason="the random tiny network's int8 labels flip 1 of 11 near-tied check images with "
-    "the packages installed on 2026-12-02 (also at the landed 82c5cfc): the 1% rule refuses it",
+    reason="depends on the installed packages: with some (2026-12-02's) the random tiny "
+    "network's int8 labels flip 1 of 11 near-tied check images and the 1% rule refuses its "
+    "int8 file; with others (2026-12-04's: onnxruntime 1.32.0, onnx 1.23.2) it passes. A tiny "
+    "network trained on the photos, as the other int8 tests use, passes the rule but its int8 "
+    "backbone clips noise into the clean photos' range, which this test cannot tell apart",
     strict=False,
 )
 def test_int8_keeps_the_unfamiliarity_score_in_float(tmp_path, monkeypatch, request):
