@@ -348,6 +348,15 @@ def evaluate(checkpoint, data, runtime, precision, as_json) -> None:
     clf = served_classifier(checkpoint, runtime=runtime, precision=precision)
     m = evaluate_checkpoint(checkpoint, data, predict=clf.predict, **_review_settings(clf))
     m.update(runtime=clf.runtime, precision=clf.precision)
+    refit = clf.meta.get("refit")
+    if refit:  # a refit trained on every image of its split: no split of it is held out
+        m["refit_of"] = refit["of"]
+        click.echo(
+            f"warning: {m['model']} is a refit of {refit['of']} on all {refit['images']} images "
+            "of its development data: photos from that data are training photos to it, so their "
+            "figures overstate it; its recipe's held-out figures are in its metadata (metrics)",
+            err=True,
+        )
     if as_json:
         keep = (
             "n",
@@ -366,6 +375,7 @@ def evaluate(checkpoint, data, runtime, precision, as_json) -> None:
             "unfamiliar_rate",
             "needs_review_rate",
             "confident_error_rate",
+            "refit_of",
         )
         click.echo(json.dumps({k: m[k] for k in keep if k in m}))
         return

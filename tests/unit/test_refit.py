@@ -91,3 +91,11 @@ def test_refit_trains_on_every_image_carries_the_run_over_and_ships(finetune_run
     half = read_unfamiliarity(shipped)
     assert half is not None
     assert np.allclose(half["norm"], stats["norm"])
+
+    # scoring it on its own development data says, in one line, that those are training photos
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--checkpoint", str(shipped), "--data", str(run["data"]), "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "is a refit of sortline-trashnet:1.0.0 on all" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["refit_of"] == "sortline-trashnet:1.0.0"
