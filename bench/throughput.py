@@ -8,7 +8,11 @@
     rate (p50/p95 end-to-end latency; bench/latency.py measures several loads) and the peak
     resident memory of each worker process.
 
-    python bench/throughput.py [--data DIR] [--n 1000] [--checkpoint PATH] [--precisions fp32,int8]
+    python bench/throughput.py [--data DIR] [--n 1000] [--checkpoint PATH] [--baseline PATH]
+                               [--precisions fp32,int8]
+
+With --baseline, (a), (b) and (c) are measured for both checkpoints, part by part in one run,
+and the per-image cost of the model against the baseline's is printed for each.
 """
 
 from __future__ import annotations
@@ -148,6 +152,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a second checkpoint measured in the same run, part by part (e.g. an older release)",
+    )
+    ap.add_argument(
         "--batch", type=int, default=8, help="forward-pass batch of (b), as SORTLINE_MAX_BATCH"
     )
     ap.add_argument("--stream-rate", type=float, default=20.0)
@@ -161,28 +171,36 @@ def main() -> None:
     precisions = [p for p in args.precisions.split(",") if p]
 
     files = images(args.data, args.n)
-    ckpt = args.checkpoint.resolve()
+    for f in files:  # into the page cache, so that the first model measured pays no disk reads
+        f.read_bytes()
+    models = {"": args.checkpoint.resolve()}
+    if args.baseline:
+        models["baseline "] = args.baseline.resolve()
     print(f"machine: {machine()}")
-    print(f"images: {len(files)} from {args.data}; model: {ckpt.name}")
+    for label, ckpt in models.items():
+        print(f"images: {len(files)} from {args.data}; {label or 'model '}{ckpt}")
     os.environ.setdefault("SORTLINE_BROKER_URL", "redis://127.0.0.1:6379/12")
     tmp = Path(tempfile.mkdtemp(prefix="sortline-bench-"))
     import redis
 
     redis.from_url(os.environ["SORTLINE_BROKER_URL"]).flushdb()
-    results = {}
-    if "a" not in skip:
-        results["a"] = reference_loop(files, ckpt)
-        print(f"(a) reference loop, PyTorch eager, one image at a time: {results['a']:7.1f} img/s")
+    results: dict[str, float] = {}  # "<label><part>", e.g. "b-int8", "baseline b-int8"
+    if "a" not in skip:  # each part measured for every model before the next part
+        for label, ckpt in models.items():
+            results[f"{label}a"] = rate = reference_loop(files, ckpt)
+            print(f"{label}(a) reference loop, PyTorch eager, one image at a time: "
+                  f"{rate:7.1f} img/s")  # fmt: skip
     if "b" not in skip:
         for p in precisions:
-            results[f"b-{p}"] = rate = batched_runtime(files, ckpt, args.batch, p)
-            print(f"(b) sortline runtime in process (ONNX Runtime {p}, batch {args.batch}): "
-                  f"{rate:7.1f} img/s")  # fmt: skip
+            for label, ckpt in models.items():
+                results[f"{label}b-{p}"] = rate = batched_runtime(files, ckpt, args.batch, p)
+                print(f"{label}(b) sortline runtime in process (ONNX Runtime {p}, batch "
+                      f"{args.batch}): {rate:7.1f} img/s")  # fmt: skip
     db = scratch_pg()
     os.environ["SORTLINE_DATABASE_URL"] = db
     env = {
         "SORTLINE_DATABASE_URL": db,
-        "SORTLINE_MODEL": str(ckpt),
+        "SORTLINE_MODEL": str(models[""]),
         "SORTLINE_BROKER_URL": os.environ["SORTLINE_BROKER_URL"],
         "SORTLINE_CACHE_DIR": str(tmp / "cache"),
     }
@@ -193,13 +211,17 @@ def main() -> None:
         if "c" not in skip:
             for p in precisions:
                 for procs in (1, 2):
-                    rate, rss = pipeline(files, {**env, "SORTLINE_PRECISION": p},
-                                         ["-Q", "cpu", "-c", str(procs)],
-                                         tmp / f"c{procs}-{p}.log", args.batch)  # fmt: skip
-                    results[f"c{procs}-{p}"] = rate
-                    peak = max(v for k, v in rss.items())
-                    print(f"(c) full pipeline, {procs} worker process(es), {p}, PostgreSQL: "
-                          f"{rate:7.1f} img/s  (peak RSS per process {peak:.0f} MB)")  # fmt: skip
+                    for label, ckpt in models.items():
+                        rate, rss = pipeline(
+                            files, {**env, "SORTLINE_MODEL": str(ckpt), "SORTLINE_PRECISION": p},
+                            ["-Q", "cpu", "-c", str(procs)],
+                            tmp / f"c{procs}-{p}-{label.strip()}.log", args.batch,
+                        )  # fmt: skip
+                        results[f"{label}c{procs}-{p}"] = rate
+                        peak = max(v for k, v in rss.items())
+                        print(f"{label}(c) full pipeline, {procs} worker process(es), {p}, "
+                              f"PostgreSQL: {rate:7.1f} img/s  (peak RSS per process "
+                              f"{peak:.0f} MB)")  # fmt: skip
         if "stream" not in skip:
             st = streaming(files, env, ["-Q", "cpu", "-P", "threads", "-c", "8"], tmp / "stream.log",
                            args.stream_rate, args.stream_seconds)  # fmt: skip
@@ -212,6 +234,12 @@ def main() -> None:
 
         reset_engines()
         drop_pg(db)
+    if args.baseline:
+        for key in sorted(k for k in results if not k.startswith("baseline ")):
+            base = results.get(f"baseline {key}")
+            if base:  # per-image cost is 1 / rate
+                print(f"per-image cost, model / baseline ({key}): {base / results[key]:.2f} "
+                      "(target <= 1.5)")  # fmt: skip
     for p in precisions:
         b = results.get(f"b-{p}")
         best_c = max((v for k, v in results.items() if k.startswith("c") and k.endswith(p)),
