@@ -50,7 +50,8 @@ def main() -> None:
         x = np.stack([load_and_preprocess(f.read_bytes(), spec) for f in files[i : i + 32]])
         for k, clf in clfs.items():
             probs[k].append(clf.predict(x))
-    p = {k: np.concatenate(v) for k, v in probs.items()}
+    # predict's columns: the class probabilities, then the unfamiliarity score (not a class)
+    p = {k: np.concatenate(v)[:, : len(classes)] for k, v in probs.items()}
     y = [classes.index(f.parent.name) if f.parent.name in classes else -1 for f in files]
     print(f"machine: {machine()}")
     print(f"{len(files)} images from {args.data}; {args.checkpoint.name}")
