@@ -13,7 +13,11 @@ split moves the gain by several points (seed 0 alone said +9.3, ten others +2.4 
 1503 training photos twice, clean and under the same site corruption (correct labels, ten
 times the reviewed photos); its gain on each unseen half bounds any head-only adaptation.
 
-    python bench/adapt.py --data /work/shared/trashnet --seeds 0-9 [--oracle]
+    python bench/adapt.py --data /work/shared/trashnet --seeds 0-9 [--mode finetune|head]
+        [--steps N] [--oracle] [--checkpoint BASE]
+
+The base must not have seen the test split: the shipped 1.3.0 is an all-data refit, so the
+figures are taken with 1.2.0 (``git show 3201ce6:models/sortline-trashnet.safetensors``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def main() -> None:
     ap.add_argument(
         "--seeds", default="0-9", help="Seeds of the reviewed/unseen halves: 0-9 or 0,3."
     )
+    ap.add_argument("--mode", default="finetune", help="adapt mode: finetune or head")
+    ap.add_argument("--steps", type=int, default=None, help="finetune steps [adapt's default]")
     ap.add_argument(
         "--oracle",
         action="store_true",
@@ -53,6 +59,12 @@ def main() -> None:
 
     torch.set_num_threads(2)
     base, meta = load_checkpoint(a.checkpoint)
+    if "refit" in meta:
+        raise SystemExit(
+            f"{a.checkpoint} is an all-data refit: it trained on the test split this proxy is "
+            "made of; pass --checkpoint of a model trained on the train split (e.g. 1.2.0: git "
+            "show 3201ce6:models/sortline-trashnet.safetensors > base-1.2.0.safetensors)"
+        )
     base = base.to(memory_format=torch.channels_last).eval()
     spec = preprocess_spec(meta)
     ds = load_split(a.data, seed=int(meta["training"]["split_seed"]))
@@ -115,7 +127,7 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
     """Adapt on one seeded reviewed half; figures on the unseen half and the clean test."""
     from training.data.dataset import load_resized
     from training.data.features import extract
-    from training.fit.adapt import adapt
+    from training.fit.adapt import AdaptParams, adapt
     from training.model.checkpoint import load_checkpoint, preprocess_spec
     from training.model.factory import head_module
 
@@ -130,8 +142,9 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
         Image.fromarray(site[i]).save(folder / classes[y[i]] / f"{i:04d}.png")
 
     t1 = time.time()
+    params = AdaptParams(mode=a.mode, **({"steps": a.steps} if a.steps else {}))
     summary = adapt(folder, a.checkpoint, a.out / "model", data=a.data, cache_dir=a.cache,
-                    register=False)  # fmt: skip
+                    params=params, register=False)  # fmt: skip
     adapt_s = time.time() - t1
     model, _ = load_checkpoint(summary["checkpoint"])
     model = model.to(memory_format=torch.channels_last).eval()
@@ -151,6 +164,7 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
         "seed": seed,
         "base": summary["base"],
         "adapted": summary["model"],
+        "mode": a.mode,
         "reviewed": len(reviewed),
         "replay": summary["replay"],
         "adapt_seconds": round(adapt_s, 1),

@@ -42,6 +42,21 @@ from sortline.commands.options import DEFAULT_CHECKPOINT, cache_dir_option
     default=None,
     help="Training images replayed beside the reviewed ones [all of the training split].",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["finetune", "head"]),
+    default="finetune",
+    show_default=True,
+    help="finetune: train the whole network a few hundred steps (minutes); head: refit the "
+    "classifier head only on cached features (seconds, smaller gains).",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(1),
+    default=150,
+    show_default=True,
+    help="With --mode finetune: training steps of 16 photos.",
+)
 @cache_dir_option
 @click.option("--activate", is_flag=True, help="Make the new version the active model.")
 @click.option(
@@ -54,6 +69,8 @@ def adapt(
     out: Path | None,
     data: Path | None,
     replay: int | None,
+    mode: str,
+    steps: int,
     cache_dir: Path | None,
     activate: bool,
     force: bool,
@@ -65,7 +82,7 @@ def adapt(
     from training.fit.adapt import adapt as run_adapt
 
     summary = run_adapt(
-        reviewed, base, out, data=data, params=AdaptParams(replay=replay),
+        reviewed, base, out, data=data, params=AdaptParams(mode=mode, replay=replay, steps=steps),
         cache_dir=cache_dir or get_training_settings().cache_dir,
     )  # fmt: skip
     if activate:
@@ -76,7 +93,8 @@ def adapt(
         click.echo(json.dumps(summary))
         return
     click.echo(
-        f"{summary['model']} from {summary['base']}: {summary['reviewed']} reviewed photos + "
+        f"{summary['model']} from {summary['base']} ({summary['mode']}): {summary['reviewed']} "
+        "reviewed photos + "
         f"{summary['replay']} replayed, {summary['seconds']:.0f} s; val accuracy "
         f"{summary['val_accuracy']:.4f}; checkpoint {summary['checkpoint']}"
     )

@@ -1,4 +1,5 @@
-"""`sortline adapt`: the head is refitted on reviewed photos, the rest of the model is kept."""
+"""`sortline adapt`: the whole network fine-tuned on reviewed photos and a replay (default), or
+the head alone refitted with the rest of the model kept."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sortline.cli import cli
 from tests.support.fixtures import tiny_run
 from tests.unit.test_training import CLASSES, make_imagefolder
 from training.data.dataset import DatasetError
-from training.fit.adapt import bump_version
+from training.fit.adapt import AdaptParams, bump_version
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_adapt_refits_the_head_only_and_records_provenance(base, tmp_path):
 
     reviewed = _reviewed(base, tmp_path / "reviewed")
     s = adapt(reviewed, base["checkpoint"], tmp_path / "out", cache_dir=base["root"] / "cache",
-              register=False)  # fmt: skip
+              params=AdaptParams(mode="head"), register=False)  # fmt: skip
     assert s["model"].endswith(":1.0.1") and s["reviewed"] == 6 and s["replay"] > 0
     old, _ = load_checkpoint(base["checkpoint"])
     new, meta = load_checkpoint(s["checkpoint"])
@@ -59,6 +60,7 @@ def test_adapt_refits_the_head_only_and_records_provenance(base, tmp_path):
         assert bool((v == old_state[name]).all()) == (name not in head), name
     prov = meta["adapted"]
     assert prov["base"] == "sortline-trashnet:1.0.0" and len(prov["base_sha256"]) == 64
+    assert prov["mode"] == "head" and prov["l2"] == 1e-3
     assert sorted((p["label"], p["file"]) for p in prov["photos"]) == sorted(
         (c, f"{c}/{src}{i}.jpg") for c, src in (("glass", "metal"), ("paper", "plastic"))
         for i in range(3)
@@ -68,6 +70,63 @@ def test_adapt_refits_the_head_only_and_records_provenance(base, tmp_path):
     assert stats is not None and np.isfinite(
         read_metadata(s["checkpoint"])["unfamiliarity"]["threshold"]
     )
+
+
+def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_path):
+    from training.fit.adapt import adapt
+    from training.model.checkpoint import load_checkpoint, read_metadata
+
+    reviewed = _reviewed(base, tmp_path / "reviewed")
+    s = adapt(reviewed, base["checkpoint"], tmp_path / "out", cache_dir=base["root"] / "cache",
+              params=AdaptParams(steps=20), register=False)  # fmt: skip
+    assert s["mode"] == "finetune" and s["reviewed"] == 6 and s["model"].endswith(":1.0.1")
+    old, _ = load_checkpoint(base["checkpoint"])
+    new, meta = load_checkpoint(s["checkpoint"])
+    old_state = old.state_dict()
+    changed = {n for n, v in new.state_dict().items() if not bool((v == old_state[n]).all())}
+    assert any(n.startswith("features.") for n in changed)  # the backbone too, not the head only
+    assert any(n.startswith("classifier.") for n in changed)
+    prov = meta["adapted"]
+    assert prov["mode"] == "finetune" and prov["steps"] == 20 and len(prov["photos"]) == 6
+    # a new backbone: the base's shift detector is dropped, the Gaussians refitted
+    assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"
+    assert meta["temperature"] > 0 and 0 <= meta["metrics"]["val"]["accuracy"] <= 1
+
+
+def test_finetune_keeps_batchnorm_statistics_and_learns_the_photos():
+    import torch
+
+    from training.fit.adapt import finetune
+    from training.model.factory import TinyNet
+    from training.model.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    model = TinyNet(2)
+    model.features.insert(1, torch.nn.BatchNorm2d(8))
+    model.features[1].running_mean.fill_(0.5)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    rng = np.random.default_rng(0)
+    # class 0 dark photos, class 1 bright ones; reviewed and replayed alike
+    imgs = [rng.integers(0, 80, (40, 40, 3), np.uint8) for _ in range(8)] + [
+        rng.integers(170, 256, (40, 40, 3), np.uint8) for _ in range(8)
+    ]
+    ys = np.array([0] * 8 + [1] * 8)
+    spec = PreprocessSpec(resize=40, crop=32)
+    losses = finetune(model, spec, (imgs, ys), (imgs, ys), AdaptParams(steps=60, lr=1e-2,
+                                                                       head_lr=1e-2))  # fmt: skip
+    assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10])
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
+def test_adapt_with_no_reviewed_photos_says_what_to_do(base, tmp_path):
+    reviewed = tmp_path / "reviewed"
+    for c in CLASSES:
+        (reviewed / c).mkdir(parents=True)
+    r = CliRunner().invoke(cli, ["adapt", "--reviewed", str(reviewed), "--base",
+                                 str(base["checkpoint"])])  # fmt: skip
+    assert r.exit_code == 1 and "holds no readable images" in r.output, r.output
+    assert "Traceback" not in r.output
 
 
 def test_adapt_refuses_a_folder_that_is_not_a_class(base, tmp_path):

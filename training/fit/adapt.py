@@ -1,8 +1,12 @@
 """``sortline adapt``: teach a model a site's own reviewed photos in minutes on a CPU.
 
-The base model's backbone is kept; its classifier head is refitted (L-BFGS, from the base
-head, an L2 pull towards it) on the pooled features of the reviewed photos mixed with a
-replay sample of the base model's training split (features cached per checkpoint). The
+Two modes. ``finetune`` (the default) trains the whole network for a few hundred steps from
+the base weights, each batch half reviewed photos and half a replay of the base model's
+training split (random crops and flips; BatchNorm statistics kept as the base's). ``head``
+keeps the backbone and refits the classifier head (L-BFGS, from the base head, an L2 pull
+towards it) on the pooled features of the reviewed photos mixed with the replay (features
+cached per checkpoint): seconds instead of minutes, but on the new-site proxy of
+``bench/adapt.py`` it gains a quarter of what the fine-tune does (model card). In both, the
 temperature and the unfamiliarity statistics are refitted on the union, and the result is
 written as a checkpoint with a bumped version and the provenance of every photo it saw, then
 registered as a candidate.
@@ -30,17 +34,28 @@ from training.data.dataset import (
 log = logging.getLogger(__name__)
 
 
+MODES = ("finetune", "head")
+
+
 @dataclass
 class AdaptParams:
-    """How the head is refitted. On the new-site proxy of ``bench/adapt.py`` no setting of a
-    16-point grid (reviewed weight 1-30, L2 1e-4 to 1e-1) did clearly better over seeded splits
-    than these (about +2.4 points on the unseen halves, see the model card)."""
+    """How the model is adapted. ``head``: on the new-site proxy of ``bench/adapt.py`` no
+    setting of a 16-point grid (reviewed weight 1-30, L2 1e-4 to 1e-1) did clearly better over
+    seeded splits than these (about +2.4 points on the unseen halves, see the model card).
+    ``finetune``: the settings measured on that proxy (model card, "Adapting to a site")."""
 
-    reviewed_weight: float = 3.0  # a reviewed photo counts as this many replayed ones
-    l2: float = 1e-3  # pull of the head's weights towards the base head's
+    mode: str = "finetune"
     replay: int | None = None  # training images replayed (None: the whole training split)
     seed: int = 0
+    # head
+    reviewed_weight: float = 3.0  # a reviewed photo counts as this many replayed ones
+    l2: float = 1e-3  # pull of the head's weights towards the base head's
     max_iter: int = 200
+    # finetune
+    steps: int = 150
+    batch: int = 16  # half reviewed photos, half replayed training photos
+    lr: float = 3e-4  # backbone (AdamW, one-cycle schedule)
+    head_lr: float = 1e-3
 
 
 def bump_version(version: str, taken: set[str]) -> str:
@@ -123,15 +138,19 @@ def _site_features(
     return feats, rev, feats["reviewed_y"]
 
 
+def _replay_rows(n_train: int, params: AdaptParams) -> np.ndarray:
+    """Rows of the training split replayed beside the reviewed photos (seeded sample or all)."""
+    if params.replay is not None and params.replay < n_train:
+        rng = np.random.default_rng(params.seed)
+        return np.sort(rng.choice(n_train, params.replay, replace=False))
+    return np.arange(n_train)
+
+
 def _refit(model, feats: dict, params: AdaptParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Refit the head on the replay sample and the reviewed photos; return (w, b, replay rows)."""
     from training.fit.run import last_linear
 
-    rng = np.random.default_rng(params.seed)
-    n_train = len(feats["train_y"])
-    keep = np.arange(n_train)
-    if params.replay is not None and params.replay < n_train:
-        keep = np.sort(rng.choice(n_train, params.replay, replace=False))
+    keep = _replay_rows(len(feats["train_y"]), params)
     rx, ry = feats["reviewed_x"], feats["reviewed_y"]
     feats["fit_x"] = np.concatenate([feats["train_x"][keep], rx])
     feats["fit_y"] = np.concatenate([feats["train_y"][keep], ry])
@@ -145,11 +164,96 @@ def _refit(model, feats: dict, params: AdaptParams) -> tuple[np.ndarray, np.ndar
     return w, b, keep
 
 
+def finetune(
+    model: torch.nn.Module,
+    spec,
+    reviewed: tuple[list[np.ndarray], np.ndarray],
+    replay: tuple[list[np.ndarray], np.ndarray],
+    params: AdaptParams,
+) -> list[float]:
+    """Train every weight of *model* for ``params.steps`` steps on batches that are half
+    reviewed photos, half replayed training photos (uint8 HWC images and their labels), with
+    random crops (half the area or more) and flips. BatchNorm layers stay in eval mode: their
+    statistics are the base's (re-estimating them on a site's few photos did much worse).
+    Returns the loss of every step."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from training.fit.run import last_linear
+    from training.model.preprocess import normalise
+
+    aug = T.Compose([
+        T.RandomResizedCrop(spec.crop, scale=(0.5, 1.0), ratio=(0.8, 1.25)),
+        T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+    ])  # fmt: skip
+    (rev_imgs, rev_y), (rep_imgs, rep_y) = reviewed, replay
+    head = {id(p) for p in last_linear(model).parameters()}
+    opt = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if id(p) not in head], "lr": params.lr},
+        {"params": [p for p in model.parameters() if id(p) in head], "lr": params.head_lr},
+    ], weight_decay=0.0)  # fmt: skip
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[params.lr, params.head_lr], total_steps=params.steps, pct_start=0.1
+    )
+    rng = np.random.default_rng(params.seed)
+    torch.manual_seed(params.seed)  # the crops and flips
+    n_rev = min(len(rev_imgs), params.batch // 2)
+    n_rep = min(len(rep_imgs), params.batch - n_rev)
+    device = next(model.parameters()).device
+    model.eval()  # BatchNorm statistics frozen; dropout off
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(params.steps):
+        ri = rng.choice(len(rev_imgs), n_rev, replace=False)
+        pi = rng.choice(len(rep_imgs), n_rep, replace=False)
+        ims = [rev_imgs[i] for i in ri] + [rep_imgs[i] for i in pi]
+        x = np.stack([normalise(aug(Image.fromarray(a)), spec) for a in ims])
+        x_t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+        y_t = torch.from_numpy(np.concatenate([rev_y[ri], rep_y[pi]])).to(device)
+        loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 25 == 0 or step + 1 == params.steps:
+            log.info("adapt: step %d/%d, loss %.3f, %.0f s", step + 1, params.steps,
+                     float(np.mean(losses[-25:])), time.time() - t0)  # fmt: skip
+    return losses
+
+
+def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams):
+    """Fine-tune *model* on the reviewed photos and the replay; its features afterwards."""
+    from training.data.features import extract
+    from training.model.checkpoint import preprocess_spec
+
+    classes, spec = meta["classes"], preprocess_spec(meta)
+    rev = _reviewed(reviewed, classes)
+    ds = checkpoint_split(meta, data)
+    cache = Path(cache_dir)
+    rev_imgs = load_resized(rev, rev.samples, short_side=spec.resize, cache_dir=cache)
+    rev_y = np.array([classes.index(s.label) for s in rev.samples], np.int64)
+    imgs = {sp: load_resized(ds, ds.split(sp), short_side=spec.resize, cache_dir=cache)
+            for sp in ("train", "val", "test")}  # fmt: skip
+    ys = {sp: np.array([ds.label_index(s) for s in ds.split(sp)], np.int64) for sp in imgs}
+    keep = _replay_rows(len(ys["train"]), params)
+    replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
+    finetune(model, spec, (rev_imgs, rev_y), replay, params)
+    feats = {f"{sp}_x": extract(model, imgs[sp] if sp != "train" else replay[0], spec)
+             for sp in imgs}  # fmt: skip
+    feats.update({"val_y": ys["val"], "test_y": ys["test"], "reviewed_y": rev_y})
+    feats["reviewed_x"] = extract(model, rev_imgs, spec)
+    feats["fit_x"] = np.concatenate([feats["train_x"], feats["reviewed_x"]])
+    feats["fit_y"] = np.concatenate([replay[1], rev_y])
+    return feats, rev, keep
+
+
 def _score(feats: dict, w: np.ndarray, b: np.ndarray, classes: list[str], base_stats):
     """Calibration and the unfamiliarity statistics on val + reviewed; val and test figures.
 
-    The backbone is the base's, so its shift detector (if any) is kept; the Gaussians and
-    the threshold are refitted."""
+    *base_stats*: the base's unfamiliarity statistics when the backbone is the base's (``head``
+    mode), so that its shift detector (if any) is kept; None after a fine-tune. The Gaussians
+    and the threshold are always refitted."""
     from training.fit.run import short_metrics
     from training.model import unfamiliarity
     from training.model.calibration import calibration, expected_calibration_error, softmax
@@ -202,8 +306,17 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
             "photos": [{"file": s.file, "label": s.label, "sha256": s.sha256} for s in rev.samples],
             "skipped": [list(s) for s in rev.skipped],
             "replay": len(keep),
-            "reviewed_weight": params.reviewed_weight,
-            "l2": params.l2,
+            "mode": params.mode,
+            **(
+                {"reviewed_weight": params.reviewed_weight, "l2": params.l2}
+                if params.mode == "head"
+                else {
+                    "steps": params.steps,
+                    "batch": params.batch,
+                    "lr": params.lr,
+                    "head_lr": params.head_lr,
+                }
+            ),
             "seconds": seconds,
         },
     }
@@ -222,6 +335,7 @@ def adapt(
     """Refit *base*'s head on the *reviewed* photos plus a replay of its training split; write
     and register the new checkpoint; return a summary (version, checkpoint, figures)."""
     from training.fit.evaluate import save_json
+    from training.fit.run import last_linear
     from training.model.checkpoint import (
         file_sha256,
         load_checkpoint,
@@ -236,9 +350,18 @@ def adapt(
     model, meta = load_checkpoint(base)
     model = model.to(memory_format=torch.channels_last).eval()
     meta["_sha256"] = file_sha256(base)
-    feats, rev, _ = _site_features(model, meta, reviewed, data, cache_dir)
-    w, b, keep = _refit(model, feats, params)
-    metrics, stats, threshold = _score(feats, w, b, meta["classes"], read_unfamiliarity(base))
+    if params.mode not in MODES:
+        raise ValueError(f"unknown adapt mode {params.mode!r}; choose one of {', '.join(MODES)}")
+    if params.mode == "head":
+        feats, rev, _ = _site_features(model, meta, reviewed, data, cache_dir)
+        w, b, keep = _refit(model, feats, params)
+        base_stats = read_unfamiliarity(base)  # same backbone: its shift detector still holds
+    else:
+        feats, rev, keep = _finetuned_features(model, meta, reviewed, data, cache_dir, params)
+        lin = last_linear(model)
+        w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
+        base_stats = None  # a new backbone: the base's shift detector no longer applies
+    metrics, stats, threshold = _score(feats, w, b, meta["classes"], base_stats)
     taken = _registered_versions(meta["name"]) if register else set()
     version = bump_version(str(meta["version"]), taken)
     out = Path(out or Path("runs") / f"adapt-{version}")
@@ -250,7 +373,8 @@ def adapt(
     sha = save_checkpoint(ckpt, model, new_meta, unfamiliarity=stats)
     summary = {
         "checkpoint": str(ckpt), "sha256": sha, "model": model_version(new_meta),
-        "base": model_version(meta), "reviewed": len(rev.samples), "replay": len(keep),
+        "base": model_version(meta), "mode": params.mode, "reviewed": len(rev.samples),
+        "replay": len(keep),
         "seconds": seconds, "val_accuracy": metrics["val"]["accuracy"],
         "test_accuracy": metrics["test"]["accuracy"],
     }  # fmt: skip
