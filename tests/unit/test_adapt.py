@@ -88,6 +88,7 @@ def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_p
     assert any(n.startswith("classifier.") for n in changed)
     prov = meta["adapted"]
     assert prov["mode"] == "finetune" and prov["steps"] == 20 and len(prov["photos"]) == 6
+    assert prov["wise"] == 0.5
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"
     assert meta["temperature"] > 0 and 0 <= meta["metrics"]["val"]["accuracy"] <= 1
@@ -117,6 +118,17 @@ def test_finetune_keeps_batchnorm_statistics_and_learns_the_photos():
     assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10])
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
+
+
+def test_wise_ft_interpolates_floating_point_entries_only():
+    import torch
+
+    from training.fit.adapt import wise_ft
+
+    base = {"w": torch.zeros(2), "n": torch.tensor(3)}
+    tuned = {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(5)}
+    out = wise_ft(base, tuned, 0.25)
+    assert out["w"].tolist() == [0.5, 1.0] and int(out["n"]) == 5
 
 
 def test_adapt_with_no_reviewed_photos_says_what_to_do(base, tmp_path):
