@@ -84,6 +84,7 @@ def adapt(
     summary = run_adapt(
         reviewed, base, out, data=data, params=AdaptParams(mode=mode, replay=replay, steps=steps),
         cache_dir=cache_dir or get_training_settings().cache_dir,
+        progress=None if as_json else lambda line: click.echo(line, err=True),
     )  # fmt: skip
     if activate:
         from sortline.commands.models import activate as activate_model

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,12 +172,13 @@ def finetune(
     reviewed: tuple[list[np.ndarray], np.ndarray],
     replay: tuple[list[np.ndarray], np.ndarray],
     params: AdaptParams,
+    progress: Callable[[str], None] | None = None,
 ) -> list[float]:
     """Train every weight of *model* for ``params.steps`` steps on batches that are half
     reviewed photos, half replayed training photos (uint8 HWC images and their labels), with
     random crops (half the area or more) and flips. BatchNorm layers stay in eval mode: their
     statistics are the base's (re-estimating them on a site's few photos did much worse).
-    Returns the loss of every step."""
+    *progress* gets a line every 25 steps. Returns the loss of every step."""
     from PIL import Image
     from torchvision import transforms as T
 
@@ -218,8 +220,11 @@ def finetune(
         sched.step()
         losses.append(loss.item())
         if (step + 1) % 25 == 0 or step + 1 == params.steps:
-            log.info("adapt: step %d/%d, loss %.3f, %.0f s", step + 1, params.steps,
-                     float(np.mean(losses[-25:])), time.time() - t0)  # fmt: skip
+            line = (f"adapt: step {step + 1}/{params.steps}, loss "
+                    f"{np.mean(losses[-25:]):.3f}, {time.time() - t0:.0f} s")  # fmt: skip
+            log.info(line)
+            if progress:
+                progress(line)
     return losses
 
 
@@ -233,7 +238,8 @@ def wise_ft(base: dict, tuned: dict, alpha: float) -> dict:
     }
 
 
-def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams):
+def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
+                        progress: Callable[[str], None] | None = None):  # fmt: skip
     """Fine-tune *model* on the reviewed photos and the replay; its features afterwards."""
     from training.data.features import extract
     from training.model.checkpoint import preprocess_spec
@@ -250,8 +256,11 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     keep = _replay_rows(len(ys["train"]), params)
     replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finetune(model, spec, (rev_imgs, rev_y), replay, params)
+    finetune(model, spec, (rev_imgs, rev_y), replay, params, progress)
     model.load_state_dict(wise_ft(base_state, model.state_dict(), params.wise))
+    if progress:
+        n = len(replay[0]) + len(imgs["val"]) + len(imgs["test"]) + len(rev_imgs)
+        progress(f"adapt: features of {n} photos for calibration, unfamiliarity and figures")
     feats = {f"{sp}_x": extract(model, imgs[sp] if sp != "train" else replay[0], spec)
              for sp in imgs}  # fmt: skip
     feats.update({"val_y": ys["val"], "test_y": ys["test"], "reviewed_y": rev_y})
@@ -345,6 +354,7 @@ def adapt(
     cache_dir: str | Path = "cache",
     params: AdaptParams | None = None,
     register: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Refit *base*'s head on the *reviewed* photos plus a replay of its training split; write
     and register the new checkpoint; return a summary (version, checkpoint, figures)."""
@@ -371,7 +381,9 @@ def adapt(
         w, b, keep = _refit(model, feats, params)
         base_stats = read_unfamiliarity(base)  # same backbone: its shift detector still holds
     else:
-        feats, rev, keep = _finetuned_features(model, meta, reviewed, data, cache_dir, params)
+        feats, rev, keep = _finetuned_features(
+            model, meta, reviewed, data, cache_dir, params, progress
+        )
         lin = last_linear(model)
         w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
         base_stats = None  # a new backbone: the base's shift detector no longer applies
