@@ -44,7 +44,7 @@ from sortline.commands.options import DEFAULT_CHECKPOINT, cache_dir_option
 )
 @click.option(
     "--mode",
-    type=click.Choice(["finetune", "head"]),
+    type=click.Choice(["finetune", "head"]),  # training.fit.adapt.MODES (imports torch)
     default="finetune",
     show_default=True,
     help="finetune: train the whole network a few hundred steps (minutes); head: refit the "

@@ -120,14 +120,14 @@ def test_finetune_keeps_batchnorm_statistics_and_learns_the_photos():
         assert torch.equal(b, before[n]), n
 
 
-def test_wise_ft_interpolates_floating_point_entries_only():
+def test_wise_blend_interpolates_floating_point_entries_only():
     import torch
 
-    from training.fit.adapt import wise_ft
+    from training.fit.train import wise_blend
 
     base = {"w": torch.zeros(2), "n": torch.tensor(3)}
     tuned = {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(5)}
-    out = wise_ft(base, tuned, 0.25)
+    out = wise_blend(base, tuned, 0.25)
     assert out["w"].tolist() == [0.5, 1.0] and int(out["n"]) == 5
 
 

@@ -228,20 +228,11 @@ def finetune(
     return losses
 
 
-def wise_ft(base: dict, tuned: dict, alpha: float) -> dict:
-    """WiSE-FT: ``alpha * tuned + (1 - alpha) * base`` for every floating-point entry. On the
-    new-site proxy, 0.5 kept both more of the gain and more of the clean accuracy than the
-    fine-tuned weights alone (model card, "Adapting to a site")."""
-    return {
-        k: alpha * v + (1 - alpha) * base[k] if v.is_floating_point() else v
-        for k, v in tuned.items()
-    }
-
-
 def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
                         progress: Callable[[str], None] | None = None):  # fmt: skip
     """Fine-tune *model* on the reviewed photos and the replay; its features afterwards."""
     from training.data.features import extract
+    from training.fit.train import wise_blend
     from training.model.checkpoint import preprocess_spec
 
     classes, spec = meta["classes"], preprocess_spec(meta)
@@ -257,7 +248,9 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     finetune(model, spec, (rev_imgs, rev_y), replay, params, progress)
-    model.load_state_dict(wise_ft(base_state, model.state_dict(), params.wise))
+    # WiSE-FT: on the new-site proxy, 0.5 kept more of both the gain and the clean accuracy
+    # than the fine-tuned weights alone (model card, "Adapting to a site")
+    model.load_state_dict(wise_blend(base_state, model.state_dict(), params.wise))
     if progress:
         n = len(replay[0]) + len(imgs["val"]) + len(imgs["test"]) + len(rev_imgs)
         progress(f"adapt: features of {n} photos for calibration, unfamiliarity and figures")
@@ -356,8 +349,9 @@ def adapt(
     register: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Refit *base*'s head on the *reviewed* photos plus a replay of its training split; write
-    and register the new checkpoint; return a summary (version, checkpoint, figures)."""
+    """Adapt *base* to the *reviewed* photos plus a replay of its training split (fine-tune or
+    head refit, ``params.mode``); write and register the new checkpoint; return a summary
+    (version, checkpoint, figures). *progress* gets the fine-tune's progress lines."""
     from training.fit.evaluate import save_json
     from training.fit.run import last_linear
     from training.model.checkpoint import (
