@@ -47,6 +47,19 @@ def main() -> None:
     ap.add_argument("--mode", default="finetune", help="adapt mode: finetune or head")
     ap.add_argument("--steps", type=int, default=None, help="finetune steps [adapt's default]")
     ap.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another AdaptParams setting, e.g. --param lr=1e-4 --param site_look=1 (repeatable)",
+    )
+    ap.add_argument(
+        "--wise",
+        default=None,
+        help="finetune: also score these WiSE-FT blends (e.g. 0.5,0.8,1): the fine-tune runs "
+        "once unblended, each blend is scored on the unseen half and the clean test",
+    )
+    ap.add_argument(
         "--oracle",
         action="store_true",
         help="Also a head fitted on site-corrupted training photos.",
@@ -90,6 +103,14 @@ def main() -> None:
             "oracle_clean_test_change_points_mean": round(float(np.mean(
                 [r["oracle_clean_test_change_points"] for r in rows])), 2)} if a.oracle else {}),
     }))  # fmt: skip
+    if a.wise:
+        for w in rows[0]["wise"]:
+            g = [r["wise"][w]["unseen_gain_points"] for r in rows]
+            c = [r["wise"][w]["clean_test_change_points"] for r in rows]
+            print(json.dumps({"wise": float(w), "unseen_gain_points_mean": round(float(np.mean(g)), 2),
+                              "unseen_gain_points_min": min(g),
+                              "clean_test_change_points_mean": round(float(np.mean(c)), 2),
+                              "clean_test_change_points_min": min(c)}))  # fmt: skip
 
 
 def oracle_head(base, ds, spec, feats, a) -> torch.nn.Module:
@@ -114,6 +135,23 @@ def oracle_head(base, ds, spec, feats, a) -> torch.nn.Module:
         lin.weight.copy_(torch.from_numpy(w))
         lin.bias.copy_(torch.from_numpy(b))
     return head_module(model).float()
+
+
+def params_set(items: list[str]) -> dict:
+    """``NAME=VALUE`` pairs as AdaptParams keyword arguments, typed as the fields' defaults."""
+    from training.fit.adapt import AdaptParams
+
+    defaults, out = AdaptParams(), {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not hasattr(defaults, name):
+            raise SystemExit(f"--param {item}: AdaptParams has no setting {name!r}")
+        out[name] = (
+            type(getattr(defaults, name))(value)
+            if getattr(defaults, name) is not None
+            else int(value)
+        )
+    return out
 
 
 def seeds(spec: str) -> list[int]:
@@ -142,7 +180,8 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
         Image.fromarray(site[i]).save(folder / classes[y[i]] / f"{i:04d}.png")
 
     t1 = time.time()
-    params = AdaptParams(mode=a.mode, **({"steps": a.steps} if a.steps else {}))
+    params = AdaptParams(mode=a.mode, **({"steps": a.steps} if a.steps else {}),
+                         **params_set(a.param), **({"wise": 1.0} if a.wise else {}))  # fmt: skip
     summary = adapt(folder, a.checkpoint, a.out / "model", data=a.data, cache_dir=a.cache,
                     params=params, register=False)  # fmt: skip
     adapt_s = time.time() - t1
@@ -180,6 +219,21 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
     row["clean_test_change_points"] = round(
         100 * (row["clean_test_accuracy_adapted"] - row["clean_test_accuracy_base"]), 1
     )
+    if a.wise:  # the blends of the unblended fine-tune with the base, each scored
+        from training.fit.train import wise_blend
+
+        tuned = {k: v.clone() for k, v in model.state_dict().items()}
+        row["wise"] = {}
+        for w in [float(x) for x in a.wise.split(",")]:
+            model.load_state_dict(wise_blend(base.state_dict(), tuned, w))
+            h = head_module(model).float()
+            un = acc(h, extract(model, [site[i] for i in unseen], spec), y[unseen])
+            cl = acc(h, extract(model, load_resized(ds, test, short_side=spec.resize,
+                                                    cache_dir=a.cache), spec), y)  # fmt: skip
+            row["wise"][str(w)] = {
+                "unseen_gain_points": round(100 * (un - row["unseen_site_accuracy_base"]), 1),
+                "clean_test_change_points": round(100 * (cl - row["clean_test_accuracy_base"]), 1),
+            }
     if "oracle_head" in feats:
         oracle = feats["oracle_head"]
         row["unseen_site_accuracy_oracle"] = round(acc(oracle, site_base, y[unseen]), 4)

@@ -88,7 +88,7 @@ def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_p
     assert any(n.startswith("classifier.") for n in changed)
     prov = meta["adapted"]
     assert prov["mode"] == "finetune" and prov["steps"] == 20 and len(prov["photos"]) == 6
-    assert prov["wise"] == 0.5
+    assert prov["wise"] == 0.5 and prov["site_look"] == 0.5
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"
     assert meta["temperature"] > 0 and 0 <= meta["metrics"]["val"]["accuracy"] <= 1
@@ -183,3 +183,62 @@ def test_adapt_registers_a_candidate_and_activate_promotes_it(
     rows = {d["model"]: d["active"] for d in map(json.loads, CliRunner().invoke(
         cli, ["models", "--json"]).output.splitlines())}  # fmt: skip
     assert rows["sortline-trashnet:1.0.1"] is False and rows["sortline-trashnet:1.0.2"] is True
+
+
+def _textured(rng, size: int, tint) -> np.ndarray:
+    """Fine random texture in one tint (uint8 HWC)."""
+    return (rng.random((size, size, 1)) * 0.6 + 0.4) * np.asarray(tint, np.float32)
+
+
+def test_site_look_takes_the_site_s_colours_floor_and_blur():
+    from PIL import Image, ImageFilter
+
+    from training.data.augment import SiteLook
+
+    rng = np.random.default_rng(0)
+    site = []  # dim bluish floor, a red object, all out of focus
+    for _ in range(8):
+        a = _textured(rng, 96, (40, 60, 140))
+        a[36:60, 36:60] = (170, 50, 50)
+        im = Image.fromarray(a.astype(np.uint8)).filter(ImageFilter.GaussianBlur(2.0))
+        site.append(np.asarray(im))
+    board = []  # sharp, finely textured green objects on a white board
+    for _ in range(8):
+        b = np.full((96, 96, 3), 235, np.uint8)
+        b[24:72, 24:72] = _textured(rng, 48, (40, 200, 40)).astype(np.uint8)
+        board.append(b)
+    look = SiteLook.fit(site, board)
+    assert look.blur >= 1.0  # the site's photos hold less fine detail than the board's
+    out = look.apply(board[0], np.random.default_rng(1))
+    assert out.shape == board[0].shape and out.dtype == np.uint8
+    site_mean = np.mean([a.reshape(-1, 3).mean(0) for a in site], axis=0)
+    assert np.abs(out.reshape(-1, 3).mean(0) - site_mean).max() < 20  # not the white board's
+    # the board is gone: the corners are the site's floor (bluish), not white
+    corners = np.concatenate([out[:6, :6].reshape(-1, 3), out[-6:, -6:].reshape(-1, 3)])
+    assert corners.mean() < 150 and corners[:, 2].mean() > corners[:, 0].mean()
+
+
+def test_finetune_replays_photos_in_the_site_s_look():
+    import torch
+
+    from training.fit.adapt import finetune
+    from training.model.factory import TinyNet
+    from training.model.preprocess import PreprocessSpec
+
+    seen = []
+
+    def look(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        seen.append(a.shape)
+        return 255 - a
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
+    ys = np.array([0, 1] * 4)
+    torch.manual_seed(0)
+    finetune(TinyNet(2), PreprocessSpec(resize=40, crop=32), (imgs, ys), (imgs, ys),
+             AdaptParams(steps=10, site_look=0.5), look=look)  # fmt: skip
+    assert 10 <= len(seen) <= 70  # about half of the 80 replayed photos, none of the reviewed
+    seen.clear()
+    finetune(TinyNet(2), PreprocessSpec(resize=40, crop=32), (imgs, ys), (imgs, ys),
+             AdaptParams(steps=10, site_look=0.0), look=look)  # fmt: skip
+    assert not seen

@@ -285,3 +285,93 @@ def build_augment(name: str, spec: PreprocessSpec) -> Augment:
         return normalise(img, spec)
 
     return apply
+
+
+# ---------------------------------------------------------------- a site's look
+
+
+def _sharpness(a: np.ndarray) -> float:
+    """Mean absolute Laplacian of the luminance over its spread: how much fine detail."""
+    g = a.astype(np.float32).mean(axis=2)
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    return float(np.abs(lap).mean() / (g.std() + 1e-3))
+
+
+def _floor_canvas(patch: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A canvas of (h, w) tiled from *patch* and its mirror images (no seams)."""
+    tile = np.concatenate([patch, patch[:, ::-1]], axis=1)
+    tile = np.concatenate([tile, tile[::-1]], axis=0)
+    reps = (-(-h // tile.shape[0]), -(-w // tile.shape[1]), 1)
+    return np.tile(tile, reps)[:h, :w]
+
+
+class SiteLook:
+    """The look of a site's photos, estimated from the photos alone, and applied to others.
+
+    Fitted on a site's reviewed photos (uint8 HWC): floor patches from their corners (where
+    a photographed object seldom is), the mean and spread of each colour channel, and how
+    much fine detail they hold. Applied to a TrashNet-style photo (object on a white board),
+    it cuts the object out, shrinks it by a random factor, lays it on one of the site's floor
+    patches, maps the colour statistics to the site's, blurs it until its fine detail matches
+    and recompresses it (random JPEG quality). ``sortline adapt`` replays training photos in
+    this look beside the reviewed ones, so the network learns the site's look on many more
+    objects than were reviewed. A photo whose object cannot be cut out is shrunk whole, board
+    and all, onto the floor.
+    """
+
+    BLURS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+    def __init__(self, floors: list[np.ndarray], mean: np.ndarray, std: np.ndarray,
+                 sharpness: float, blur: float = 0.0) -> None:  # fmt: skip
+        self.floors, self.mean, self.std = floors, mean, std
+        self.sharpness, self.blur = sharpness, blur
+
+    @classmethod
+    def fit(cls, site: list[np.ndarray], others: list[np.ndarray], seed: int = 0) -> SiteLook:
+        """The look of the *site* photos; the blur is chosen so that *others* (a few training
+        photos) in that look have the site photos' median fine detail."""
+        floors = []
+        for a in site:
+            s = max(8, min(a.shape[:2]) // 4)
+            floors += [a[:s, :s], a[:s, -s:], a[-s:, :s], a[-s:, -s:]]
+        px = np.concatenate([a.reshape(-1, 3) for a in site]).astype(np.float32)
+        look = cls(floors, px.mean(0), px.std(0) + 1e-3,
+                   float(np.median([_sharpness(a) for a in site])))  # fmt: skip
+        rng = np.random.default_rng(seed)
+        sample = [others[i] for i in rng.choice(len(others), min(24, len(others)), replace=False)]
+        best = None
+        for blur in cls.BLURS:
+            look.blur = blur
+            sharp = np.median([
+                _sharpness(look.apply(a, np.random.default_rng([seed, i]), quality=95))
+                for i, a in enumerate(sample)
+            ])  # fmt: skip
+            if best is None or abs(np.log(sharp / look.sharpness)) < best[0]:
+                best = (abs(np.log(sharp / look.sharpness)), blur)
+        look.blur = best[1]
+        return look
+
+    def apply(
+        self, a: np.ndarray, rng: np.random.Generator, quality: int | None = None
+    ) -> np.ndarray:
+        """*a* (uint8 HWC, a training photo) in the site's look (uint8 HWC, same size)."""
+        h, w = a.shape[:2]
+        floor = self.floors[int(rng.integers(len(self.floors)))]
+        canvas = _floor_canvas(floor, h, w).astype(np.float32) / 255.0
+        factor = float(rng.uniform(0.4, 1.0))
+        nw, nh = max(8, round(w * factor)), max(8, round(h * factor))
+        small = np.asarray(Image.fromarray(a).resize((nw, nh), Image.BILINEAR))
+        mask = object_mask(small)
+        m = np.ones((nh, nw, 1), np.float32) if mask is None else mask[..., None]
+        x, y = int(rng.integers(0, w - nw + 1)), int(rng.integers(0, h - nh + 1))
+        region = canvas[y : y + nh, x : x + nw]
+        canvas[y : y + nh, x : x + nw] = small / 255.0 * m + region * (1 - m)
+        # the site's colour statistics, taken over the whole picture
+        flat = canvas.reshape(-1, 3)
+        mu, sd = flat.mean(0), flat.std(0) + 1e-3
+        canvas = (canvas - mu) / sd * (self.std / 255.0) + self.mean / 255.0
+        im = Image.fromarray((np.clip(canvas, 0, 1) * 255).astype(np.uint8))
+        if self.blur > 0:
+            im = im.filter(ImageFilter.GaussianBlur(self.blur))
+        q = quality if quality is not None else int(rng.integers(25, 90))
+        return np.asarray(jpeg(im, q))

@@ -2,7 +2,10 @@
 
 Two modes. ``finetune`` (the default) trains the whole network for a few hundred steps from
 the base weights, each batch half reviewed photos and half a replay of the base model's
-training split (random crops and flips; BatchNorm statistics kept as the base's). ``head``
+training split, half of which is shown in the site's look (``augment.SiteLook``: the training
+photo's object on the site's floor, in its colours, blur and compression, estimated from the
+reviewed photos), so the site's look is learnt on every training object and not only on the
+reviewed ones (random crops and flips; BatchNorm statistics kept as the base's). ``head``
 keeps the backbone and refits the classifier head (L-BFGS, from the base head, an L2 pull
 towards it) on the pooled features of the reviewed photos mixed with the replay (features
 cached per checkpoint): seconds instead of minutes, but on the new-site proxy of
@@ -58,6 +61,7 @@ class AdaptParams:
     lr: float = 3e-4  # backbone (AdamW, one-cycle schedule)
     head_lr: float = 1e-3
     wise: float = 0.5  # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT)
+    site_look: float = 0.5  # share of replayed photos shown in the site's look (SiteLook)
 
 
 def bump_version(version: str, taken: set[str]) -> str:
@@ -173,12 +177,15 @@ def finetune(
     replay: tuple[list[np.ndarray], np.ndarray],
     params: AdaptParams,
     progress: Callable[[str], None] | None = None,
+    look: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> list[float]:
     """Train every weight of *model* for ``params.steps`` steps on batches that are half
     reviewed photos, half replayed training photos (uint8 HWC images and their labels), with
     random crops (half the area or more) and flips. BatchNorm layers stay in eval mode: their
     statistics are the base's (re-estimating them on a site's few photos did much worse).
-    *progress* gets a line every 25 steps. Returns the loss of every step."""
+    *progress* gets a line every 25 steps. *look* (a fitted
+    :class:`training.data.augment.SiteLook` or any such function) renders a replayed photo
+    in the site's look; ``params.site_look`` of them are. Returns the loss of every step."""
     from PIL import Image
     from torchvision import transforms as T
 
@@ -196,7 +203,10 @@ def finetune(
         {"params": [p for p in model.parameters() if id(p) in head], "lr": params.head_lr},
     ], weight_decay=0.0)  # fmt: skip
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[params.lr, params.head_lr], total_steps=params.steps, pct_start=0.1
+        opt,
+        max_lr=[params.lr, params.head_lr],
+        total_steps=params.steps,
+        pct_start=min(0.5, max(0.1, 2 / params.steps)),  # at least two warm-up steps
     )
     rng = np.random.default_rng(params.seed)
     torch.manual_seed(params.seed)  # the crops and flips
@@ -209,7 +219,10 @@ def finetune(
     for step in range(params.steps):
         ri = rng.choice(len(rev_imgs), n_rev, replace=False)
         pi = rng.choice(len(rep_imgs), n_rep, replace=False)
-        ims = [rev_imgs[i] for i in ri] + [rep_imgs[i] for i in pi]
+        rep = [rep_imgs[i] for i in pi]
+        if look is not None:
+            rep = [look(a, rng) if rng.random() < params.site_look else a for a in rep]
+        ims = [rev_imgs[i] for i in ri] + rep
         x = np.stack([normalise(aug(Image.fromarray(a)), spec) for a in ims])
         x_t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
         y_t = torch.from_numpy(np.concatenate([rev_y[ri], rep_y[pi]])).to(device)
@@ -231,6 +244,7 @@ def finetune(
 def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
                         progress: Callable[[str], None] | None = None):  # fmt: skip
     """Fine-tune *model* on the reviewed photos and the replay; its features afterwards."""
+    from training.data.augment import SiteLook
     from training.data.features import extract
     from training.fit.train import wise_blend
     from training.model.checkpoint import preprocess_spec
@@ -246,8 +260,11 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     ys = {sp: np.array([ds.label_index(s) for s in ds.split(sp)], np.int64) for sp in imgs}
     keep = _replay_rows(len(ys["train"]), params)
     replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
+    look = None
+    if params.site_look > 0:
+        look = SiteLook.fit(rev_imgs, replay[0], seed=params.seed).apply
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finetune(model, spec, (rev_imgs, rev_y), replay, params, progress)
+    finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look)
     # WiSE-FT: on the new-site proxy, 0.5 kept more of both the gain and the clean accuracy
     # than the fine-tuned weights alone (model card, "Adapting to a site")
     model.load_state_dict(wise_blend(base_state, model.state_dict(), params.wise))
@@ -331,6 +348,7 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "lr": params.lr,
                     "head_lr": params.head_lr,
                     "wise": params.wise,
+                    "site_look": params.site_look,
                 }
             ),
             "seconds": seconds,
