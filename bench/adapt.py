@@ -54,6 +54,12 @@ def main() -> None:
         help="another AdaptParams setting, e.g. --param lr=1e-4 --param site_look=1 (repeatable)",
     )
     ap.add_argument(
+        "--oracle-look",
+        action="store_true",
+        help="finetune: replay in the proxy's own corruption instead of the look estimated "
+        "from the reviewed photos (what a perfect estimate of the site's look would give)",
+    )
+    ap.add_argument(
         "--wise",
         default=None,
         help="finetune: also score these WiSE-FT blends (e.g. 0.5,0.8,1): the fine-tune runs "
@@ -182,8 +188,15 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
     t1 = time.time()
     params = AdaptParams(mode=a.mode, **({"steps": a.steps} if a.steps else {}),
                          **params_set(a.param), **({"wise": 1.0} if a.wise else {}))  # fmt: skip
+    look = None
+    if a.oracle_look:
+        from training.fit.robustness import SITES
+
+        def look(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            return np.asarray(SITES[a.site](Image.fromarray(img), rng).convert("RGB"))
+
     summary = adapt(folder, a.checkpoint, a.out / "model", data=a.data, cache_dir=a.cache,
-                    params=params, register=False)  # fmt: skip
+                    params=params, register=False, look=look)  # fmt: skip
     adapt_s = time.time() - t1
     model, _ = load_checkpoint(summary["checkpoint"])
     model = model.to(memory_format=torch.channels_last).eval()

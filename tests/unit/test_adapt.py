@@ -209,6 +209,7 @@ def test_site_look_takes_the_site_s_colours_floor_and_blur():
         board.append(b)
     look = SiteLook.fit(site, board)
     assert look.blur >= 1.0  # the site's photos hold less fine detail than the board's
+    assert 0.3 <= look.zoom <= 0.7  # its objects fill a quarter of the frame, not half
     out = look.apply(board[0], np.random.default_rng(1))
     assert out.shape == board[0].shape and out.dtype == np.uint8
     site_mean = np.mean([a.reshape(-1, 3).mean(0) for a in site], axis=0)

@@ -290,11 +290,35 @@ def build_augment(name: str, spec: PreprocessSpec) -> Augment:
 # ---------------------------------------------------------------- a site's look
 
 
-def _sharpness(a: np.ndarray) -> float:
-    """Mean absolute Laplacian of the luminance over its spread: how much fine detail."""
+def _sharpness(a: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute Laplacian of the luminance over its spread (inside *mask* where given):
+    how much fine detail the picture, or its object, holds."""
     g = a.astype(np.float32).mean(axis=2)
-    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-    return float(np.abs(lap).mean() / (g.std() + 1e-3))
+    lap = np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:])
+    if mask is None or mask[1:-1, 1:-1].sum() < 16:
+        return float(lap.mean() / (g.std() + 1e-3))
+    m = mask[1:-1, 1:-1] > 0.5
+    return float(lap[m].mean() / (g[1:-1, 1:-1][m].std() + 1e-3))
+
+
+def site_object_mask(a: np.ndarray, border: float = 0.125, tol: float = 0.12) -> np.ndarray:
+    """Boolean (H, W) mask of what differs from a photo's floor: pixels whose colour is
+    farther than *tol* (RGB in [0, 1]) from every colour seen on the photo's border strip.
+    For a site's photos of one object on its floor, whatever the floor is."""
+    from scipy import ndimage as ndi
+
+    x = a.astype(np.float32) / 255.0
+    h, w = x.shape[:2]
+    b = max(1, round(min(h, w) * border))
+    edge = np.concatenate([x[:b].reshape(-1, 3), x[-b:].reshape(-1, 3),
+                           x[:, :b].reshape(-1, 3), x[:, -b:].reshape(-1, 3)])  # fmt: skip
+    edge = edge[np.random.default_rng(0).choice(len(edge), min(256, len(edge)), replace=False)]
+    d = np.full(h * w, np.inf, np.float32)
+    flat = x.reshape(-1, 3)
+    for chunk in np.array_split(edge, 8):
+        d = np.minimum(d, np.sqrt(((flat[:, None] - chunk[None]) ** 2).sum(-1)).min(1))
+    obj = ndi.binary_opening(d.reshape(h, w) > tol, iterations=2)
+    return ndi.binary_fill_holes(ndi.binary_closing(obj, iterations=2))
 
 
 def _floor_canvas(patch: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -305,73 +329,136 @@ def _floor_canvas(patch: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.tile(tile, reps)[:h, :w]
 
 
+def _small(a: np.ndarray, side: int = 96) -> np.ndarray:
+    h, w = a.shape[:2]
+    s = side / min(h, w)
+    return np.asarray(Image.fromarray(a).resize((max(8, round(w * s)), max(8, round(h * s)))))
+
+
 class SiteLook:
     """The look of a site's photos, estimated from the photos alone, and applied to others.
 
-    Fitted on a site's reviewed photos (uint8 HWC): floor patches from their corners (where
-    a photographed object seldom is), the mean and spread of each colour channel, and how
-    much fine detail they hold. Applied to a TrashNet-style photo (object on a white board),
-    it cuts the object out, shrinks it by a random factor, lays it on one of the site's floor
-    patches, maps the colour statistics to the site's, blurs it until its fine detail matches
-    and recompresses it (random JPEG quality). ``sortline adapt`` replays training photos in
-    this look beside the reviewed ones, so the network learns the site's look on many more
-    objects than were reviewed. A photo whose object cannot be cut out is shrunk whole, board
-    and all, onto the floor.
+    Fitted on a site's reviewed photos and a sample of training photos (uint8 HWC):
+
+    - the floor: patches from the site photos' corners (where an object seldom is);
+    - the object's size: the zoom at which training photos laid on the site's floor show as
+      large a box around what differs from the floor (:func:`site_object_mask`) as the site's
+      photos do (measured the same way on both, so the measure's own errors cancel);
+    - the light: the mean colour of the site's objects over that of the training objects, per
+      channel (the same classes of object, so on average the same colours: what differs is
+      the light and the camera's white balance), as a gain applied to the object;
+    - the focus: the blur that gives training objects, so rendered, the site objects' median
+      fine detail.
+
+    Applied to a training photo (an object on a white board), it cuts the object out (or takes
+    the whole photo when it cannot), relights it, shrinks it, lays it on one of the site's
+    floor patches, blurs it and recompresses it (random JPEG quality 25-90). ``sortline
+    adapt`` replays training photos in this look beside the reviewed ones, so the network
+    learns the site's look on many more objects than were reviewed.
     """
 
-    BLURS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+    BLURS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+    ZOOMS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
 
-    def __init__(self, floors: list[np.ndarray], mean: np.ndarray, std: np.ndarray,
-                 sharpness: float, blur: float = 0.0) -> None:  # fmt: skip
-        self.floors, self.mean, self.std = floors, mean, std
-        self.sharpness, self.blur = sharpness, blur
+    def __init__(self, floors: list[np.ndarray], gain: np.ndarray, zoom: float,
+                 blur: float = 0.0) -> None:  # fmt: skip
+        self.floors, self.gain, self.zoom, self.blur = floors, gain, zoom, blur
 
     @classmethod
     def fit(cls, site: list[np.ndarray], others: list[np.ndarray], seed: int = 0) -> SiteLook:
-        """The look of the *site* photos; the blur is chosen so that *others* (a few training
-        photos) in that look have the site photos' median fine detail."""
-        floors = []
+        rng = np.random.default_rng(seed)
+        floors, site_box, site_px, site_sharp = [], [], [], []
         for a in site:
             s = max(8, min(a.shape[:2]) // 4)
             floors += [a[:s, :s], a[:s, -s:], a[-s:, :s], a[-s:, -s:]]
-        px = np.concatenate([a.reshape(-1, 3) for a in site]).astype(np.float32)
-        look = cls(floors, px.mean(0), px.std(0) + 1e-3,
-                   float(np.median([_sharpness(a) for a in site])))  # fmt: skip
-        rng = np.random.default_rng(seed)
-        sample = [others[i] for i in rng.choice(len(others), min(24, len(others)), replace=False)]
-        best = None
-        for blur in cls.BLURS:
-            look.blur = blur
-            sharp = np.median([
-                _sharpness(look.apply(a, np.random.default_rng([seed, i]), quality=95))
-                for i, a in enumerate(sample)
-            ])  # fmt: skip
-            if best is None or abs(np.log(sharp / look.sharpness)) < best[0]:
-                best = (abs(np.log(sharp / look.sharpness)), blur)
-        look.blur = best[1]
+            small = _small(a)
+            m = site_object_mask(small)
+            site_box.append(_box_share(m))
+            if m.sum() >= 16:
+                site_px.append(small[m].astype(np.float32))
+                site_sharp.append(_sharpness(a, _upmask(m, a.shape[:2])))
+        sample = [others[i] for i in rng.choice(len(others), min(48, len(others)), replace=False)]
+        train_px = []
+        for a in sample:
+            small = _small(a)
+            m = object_mask(small)
+            if m is not None:
+                train_px.append(small[m > 0.5].astype(np.float32))
+        if site_px and train_px:
+            gain = np.concatenate(site_px).mean(0) / (np.concatenate(train_px).mean(0) + 1.0)
+        else:
+            gain = np.ones(3, np.float32)
+        look = cls(floors, np.clip(gain, 0.2, 2.0), 1.0)
+        # the zoom by synthesis: training photos rendered at each zoom on the site's floors,
+        # measured as the site's photos were, until their object boxes match the site's
+        target_box, best = float(np.median(site_box)), None
+        for zoom in cls.ZOOMS:
+            look.zoom = zoom
+            boxes = [
+                _box_share(site_object_mask(_small(look.render(a, np.random.default_rng([seed, i]),
+                                                               quality=95)[0])))
+                for i, a in enumerate(sample[:24])
+            ]  # fmt: skip
+            err = abs(np.log((np.median(boxes) + 1e-3) / (target_box + 1e-3)))
+            if best is None or err < best[0]:
+                best = (err, zoom)
+        look.zoom = best[1]
+        target = float(np.median(site_sharp)) if site_sharp else None
+        if target is not None:
+            best = None
+            for blur in cls.BLURS:
+                look.blur = blur
+                got = []
+                for i, a in enumerate(sample[:24]):
+                    out, mask = look.render(a, np.random.default_rng([seed, i]), quality=95)
+                    got.append(_sharpness(out, mask))
+                err = abs(np.log(np.median(got) / target))
+                if best is None or err < best[0]:
+                    best = (err, blur)
+            look.blur = best[1]
         return look
 
-    def apply(
+    def describe(self) -> dict:
+        return {"gain": [round(float(g), 3) for g in self.gain], "zoom": round(self.zoom, 3),
+                "blur": self.blur, "floors": len(self.floors)}  # fmt: skip
+
+    def render(
         self, a: np.ndarray, rng: np.random.Generator, quality: int | None = None
-    ) -> np.ndarray:
-        """*a* (uint8 HWC, a training photo) in the site's look (uint8 HWC, same size)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """*a* in the site's look (uint8 HWC, same size) and where its object lies."""
         h, w = a.shape[:2]
         floor = self.floors[int(rng.integers(len(self.floors)))]
         canvas = _floor_canvas(floor, h, w).astype(np.float32) / 255.0
-        factor = float(rng.uniform(0.4, 1.0))
+        factor = float(np.clip(self.zoom * rng.uniform(0.85, 1.15), 0.15, 1.0))
         nw, nh = max(8, round(w * factor)), max(8, round(h * factor))
         small = np.asarray(Image.fromarray(a).resize((nw, nh), Image.BILINEAR))
         mask = object_mask(small)
         m = np.ones((nh, nw, 1), np.float32) if mask is None else mask[..., None]
+        lit = np.clip(small / 255.0 * self.gain * rng.uniform(0.9, 1.1), 0, 1)
         x, y = int(rng.integers(0, w - nw + 1)), int(rng.integers(0, h - nh + 1))
         region = canvas[y : y + nh, x : x + nw]
-        canvas[y : y + nh, x : x + nw] = small / 255.0 * m + region * (1 - m)
-        # the site's colour statistics, taken over the whole picture
-        flat = canvas.reshape(-1, 3)
-        mu, sd = flat.mean(0), flat.std(0) + 1e-3
-        canvas = (canvas - mu) / sd * (self.std / 255.0) + self.mean / 255.0
+        canvas[y : y + nh, x : x + nw] = lit * m + region * (1 - m)
+        where = np.zeros((h, w), np.float32)
+        where[y : y + nh, x : x + nw] = m[..., 0]
         im = Image.fromarray((np.clip(canvas, 0, 1) * 255).astype(np.uint8))
         if self.blur > 0:
             im = im.filter(ImageFilter.GaussianBlur(self.blur))
         q = quality if quality is not None else int(rng.integers(25, 90))
-        return np.asarray(jpeg(im, q))
+        return np.asarray(jpeg(im, q)), where
+
+    def apply(self, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """*a* (uint8 HWC, a training photo) in the site's look (uint8 HWC, same size)."""
+        return self.render(a, rng)[0]
+
+
+def _box_share(m: np.ndarray) -> float:
+    """The share of the frame taken by the bounding box of mask *m* (0 when empty)."""
+    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+    if not len(rows):
+        return 0.0
+    return float((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) / m.size)
+
+
+def _upmask(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    im = Image.fromarray(m.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(im) > 127

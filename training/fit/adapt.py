@@ -57,7 +57,8 @@ class AdaptParams:
     max_iter: int = 200
     # finetune
     steps: int = 150
-    batch: int = 16  # half reviewed photos, half replayed training photos
+    batch: int = 16  # photos per step: reviewed ones and replayed training photos
+    reviewed_per_batch: int = 8  # of the batch's photos, how many are reviewed ones
     lr: float = 3e-4  # backbone (AdamW, one-cycle schedule)
     head_lr: float = 1e-3
     wise: float = 0.5  # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT)
@@ -210,7 +211,7 @@ def finetune(
     )
     rng = np.random.default_rng(params.seed)
     torch.manual_seed(params.seed)  # the crops and flips
-    n_rev = min(len(rev_imgs), params.batch // 2)
+    n_rev = min(len(rev_imgs), params.reviewed_per_batch, params.batch - 1)
     n_rep = min(len(rep_imgs), params.batch - n_rev)
     device = next(model.parameters()).device
     model.eval()  # BatchNorm statistics frozen; dropout off
@@ -242,7 +243,7 @@ def finetune(
 
 
 def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
-                        progress: Callable[[str], None] | None = None):  # fmt: skip
+                        progress: Callable[[str], None] | None = None, look=None):  # fmt: skip
     """Fine-tune *model* on the reviewed photos and the replay; its features afterwards."""
     from training.data.augment import SiteLook
     from training.data.features import extract
@@ -260,8 +261,7 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     ys = {sp: np.array([ds.label_index(s) for s in ds.split(sp)], np.int64) for sp in imgs}
     keep = _replay_rows(len(ys["train"]), params)
     replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
-    look = None
-    if params.site_look > 0:
+    if look is None and params.site_look > 0:
         look = SiteLook.fit(rev_imgs, replay[0], seed=params.seed).apply
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look)
@@ -345,6 +345,7 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                 else {
                     "steps": params.steps,
                     "batch": params.batch,
+                    "reviewed_per_batch": params.reviewed_per_batch,
                     "lr": params.lr,
                     "head_lr": params.head_lr,
                     "wise": params.wise,
@@ -366,10 +367,12 @@ def adapt(
     params: AdaptParams | None = None,
     register: bool = True,
     progress: Callable[[str], None] | None = None,
+    look: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> dict:
     """Adapt *base* to the *reviewed* photos plus a replay of its training split (fine-tune or
     head refit, ``params.mode``); write and register the new checkpoint; return a summary
-    (version, checkpoint, figures). *progress* gets the fine-tune's progress lines."""
+    (version, checkpoint, figures). *progress* gets the fine-tune's progress lines; *look*
+    replaces the site's look fitted on the reviewed photos (``bench/adapt.py --oracle-look``)."""
     from training.fit.evaluate import save_json
     from training.fit.run import last_linear
     from training.model.checkpoint import (
@@ -394,7 +397,7 @@ def adapt(
         base_stats = read_unfamiliarity(base)  # same backbone: its shift detector still holds
     else:
         feats, rev, keep = _finetuned_features(
-            model, meta, reviewed, data, cache_dir, params, progress
+            model, meta, reviewed, data, cache_dir, params, progress, look
         )
         lin = last_linear(model)
         w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
