@@ -89,6 +89,7 @@ def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_p
     prov = meta["adapted"]
     assert prov["mode"] == "finetune" and prov["steps"] == 20 and len(prov["photos"]) == 6
     assert prov["wise"] == 0.5 and prov["site_look"] == 0.5
+    assert set(prov["look"]) == {"gain", "zoom", "blur", "floors"}  # what SiteLook estimated
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"
     assert meta["temperature"] > 0 and 0 <= meta["metrics"]["val"]["accuracy"] <= 1

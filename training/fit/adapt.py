@@ -261,8 +261,14 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     ys = {sp: np.array([ds.label_index(s) for s in ds.split(sp)], np.int64) for sp in imgs}
     keep = _replay_rows(len(ys["train"]), params)
     replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
+    fitted = None
     if look is None and params.site_look > 0:
-        look = SiteLook.fit(rev_imgs, replay[0], seed=params.seed).apply
+        fitted = SiteLook.fit(rev_imgs, replay[0], seed=params.seed)
+        look = fitted.apply
+        if progress:
+            d = fitted.describe()
+            progress(f"adapt: the site's look: light gain {d['gain']}, object zoom {d['zoom']}, "
+                     f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look)
     # WiSE-FT: on the new-site proxy, 0.5 kept more of both the gain and the clean accuracy
@@ -277,6 +283,8 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     feats["reviewed_x"] = extract(model, rev_imgs, spec)
     feats["fit_x"] = np.concatenate([feats["train_x"], feats["reviewed_x"]])
     feats["fit_y"] = np.concatenate([replay[1], rev_y])
+    if fitted is not None:
+        feats["look"] = fitted.describe()
     return feats, rev, keep
 
 
@@ -410,6 +418,8 @@ def adapt(
     seconds = round(time.time() - t0, 1)
     new_meta = _adapted_meta(meta, version, metrics, stats, threshold, len(feats["fit_y"]), rev,
                              reviewed, keep, params, seconds)  # fmt: skip
+    if "look" in feats:  # what SiteLook estimated from the reviewed photos
+        new_meta["adapted"]["look"] = feats["look"]
     ckpt = out / "model.safetensors"
     sha = save_checkpoint(ckpt, model, new_meta, unfamiliarity=stats)
     summary = {
