@@ -389,33 +389,20 @@ class SiteLook:
         else:
             gain = np.ones(3, np.float32)
         look = cls(floors, np.clip(gain, 0.2, 2.0), 1.0)
-        # the zoom by synthesis: training photos rendered at each zoom on the site's floors,
-        # measured as the site's photos were, until their object boxes match the site's
-        target_box, best = float(np.median(site_box)), None
-        for zoom in cls.ZOOMS:
-            look.zoom = zoom
-            boxes = [
-                _box_share(site_object_mask(_small(look.render(a, np.random.default_rng([seed, i]),
-                                                               quality=95)[0])))
-                for i, a in enumerate(sample[:24])
-            ]  # fmt: skip
-            err = abs(np.log((np.median(boxes) + 1e-3) / (target_box + 1e-3)))
-            if best is None or err < best[0]:
-                best = (err, zoom)
-        look.zoom = best[1]
-        target = float(np.median(site_sharp)) if site_sharp else None
-        if target is not None:
-            best = None
-            for blur in cls.BLURS:
-                look.blur = blur
-                got = []
-                for i, a in enumerate(sample[:24]):
-                    out, mask = look.render(a, np.random.default_rng([seed, i]), quality=95)
-                    got.append(_sharpness(out, mask))
-                err = abs(np.log(np.median(got) / target))
-                if best is None or err < best[0]:
-                    best = (err, blur)
-            look.blur = best[1]
+        sample = sample[:24]
+
+        def rendered(i: int, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return look.render(a, np.random.default_rng([seed, i]), quality=95)
+
+        # zoom and blur by synthesis: training photos rendered at each candidate on the site's
+        # floors, measured as the site's photos were, until they match the site's median
+        look.zoom = _closest(look, "zoom", cls.ZOOMS, float(np.median(site_box)), lambda: [
+            _box_share(site_object_mask(_small(rendered(i, a)[0]))) for i, a in enumerate(sample)
+        ], eps=1e-3)  # fmt: skip
+        if site_sharp:
+            look.blur = _closest(look, "blur", cls.BLURS, float(np.median(site_sharp)), lambda: [
+                _sharpness(*rendered(i, a)) for i, a in enumerate(sample)
+            ])  # fmt: skip
         return look
 
     def describe(self) -> dict:
@@ -449,6 +436,16 @@ class SiteLook:
     def apply(self, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """*a* (uint8 HWC, a training photo) in the site's look (uint8 HWC, same size)."""
         return self.render(a, rng)[0]
+
+
+def _closest(look, name: str, candidates, target: float, measure, eps: float = 0.0) -> float:
+    """The candidate value of *look*'s setting *name* whose *measure* (a list, its median
+    taken) is closest to *target* on a log scale."""
+    errs = []
+    for value in candidates:
+        setattr(look, name, value)
+        errs.append(abs(np.log((np.median(measure()) + eps) / (target + eps))))
+    return candidates[int(np.argmin(errs))]
 
 
 def _box_share(m: np.ndarray) -> float:
