@@ -255,15 +255,17 @@ def finetune(
     return losses
 
 
-def _distillation(teacher, x: torch.Tensor, out: torch.Tensor, rows: np.ndarray,
-                  t: float = 2.0) -> torch.Tensor:
+def _distillation(
+    teacher, x: torch.Tensor, out: torch.Tensor, rows: np.ndarray, t: float = 2.0
+) -> torch.Tensor:
     """KL(teacher || student) at temperature *t* (times t^2) on the batch's *rows*."""
     idx = torch.from_numpy(rows).to(x.device)
     with torch.no_grad():
         target = torch.softmax(teacher(x[idx]) / t, 1)
-    return t * t * torch.nn.functional.kl_div(
+    kl = torch.nn.functional.kl_div(
         torch.log_softmax(out[idx] / t, 1), target, reduction="batchmean"
     )
+    return t * t * kl
 
 
 def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
