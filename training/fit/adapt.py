@@ -17,7 +17,6 @@ registered as a candidate.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import time
@@ -64,9 +63,6 @@ class AdaptParams:
     head_lr: float = 1e-3
     wise: float = 0.5  # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT)
     site_look: float = 0.5  # share of replayed photos shown in the site's look (SiteLook)
-    # weight of a distillation term: on the replayed photos shown as they are, the fine-tuned
-    # model's class probabilities are pulled towards the base model's (KL, temperature 2)
-    anchor: float = 0.0
 
 
 def bump_version(version: str, taken: set[str]) -> str:
@@ -218,7 +214,6 @@ def finetune(
     n_rev = min(len(rev_imgs), params.reviewed_per_batch, params.batch - 1)
     n_rep = min(len(rep_imgs), params.batch - n_rev)
     device = next(model.parameters()).device
-    teacher = copy.deepcopy(model).eval() if params.anchor > 0 else None
     model.eval()  # BatchNorm statistics frozen; dropout off
     losses: list[float] = []
     t0 = time.time()
@@ -226,21 +221,13 @@ def finetune(
         ri = rng.choice(len(rev_imgs), n_rev, replace=False)
         pi = rng.choice(len(rep_imgs), n_rep, replace=False)
         rep = [rep_imgs[i] for i in pi]
-        shown = np.ones(len(rep), bool)  # replayed photos shown as they are
         if look is not None:
-            for k, a in enumerate(rep):  # one draw, then the look's own, per photo
-                if rng.random() < params.site_look:
-                    shown[k] = False
-                    rep[k] = look(a, rng)
+            rep = [look(a, rng) if rng.random() < params.site_look else a for a in rep]
         ims = [rev_imgs[i] for i in ri] + rep
         x = np.stack([normalise(aug(Image.fromarray(a)), spec) for a in ims])
         x_t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
         y_t = torch.from_numpy(np.concatenate([rev_y[ri], rep_y[pi]])).to(device)
-        out = model(x_t)
-        loss = torch.nn.functional.cross_entropy(out, y_t)
-        if teacher is not None and shown.any():
-            kept = n_rev + np.flatnonzero(shown)
-            loss = loss + params.anchor * _distillation(teacher, x_t, out, kept)
+        loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -253,19 +240,6 @@ def finetune(
             if progress:
                 progress(line)
     return losses
-
-
-def _distillation(
-    teacher, x: torch.Tensor, out: torch.Tensor, rows: np.ndarray, t: float = 2.0
-) -> torch.Tensor:
-    """KL(teacher || student) at temperature *t* (times t^2) on the batch's *rows*."""
-    idx = torch.from_numpy(rows).to(x.device)
-    with torch.no_grad():
-        target = torch.softmax(teacher(x[idx]) / t, 1)
-    kl = torch.nn.functional.kl_div(
-        torch.log_softmax(out[idx] / t, 1), target, reduction="batchmean"
-    )
-    return t * t * kl
 
 
 def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
@@ -384,7 +358,6 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "head_lr": params.head_lr,
                     "wise": params.wise,
                     "site_look": params.site_look,
-                    "anchor": params.anchor,
                 }
             ),
             "seconds": seconds,
