@@ -62,8 +62,9 @@ def main() -> None:
     ap.add_argument(
         "--wise",
         default=None,
-        help="finetune: also score these WiSE-FT blends (e.g. 0.5,0.8,1): the fine-tune runs "
-        "once unblended, each blend is scored on the unseen half and the clean test",
+        help="finetune: also score these WiSE-FT blends (e.g. 0.5,0.8,1, or 1:0.5 graded from "
+        "the stem to the head): the fine-tune runs once unblended, each blend is scored on the "
+        "unseen half and the clean test",
     )
     ap.add_argument(
         "--oracle",
@@ -113,7 +114,7 @@ def main() -> None:
         for w in rows[0]["wise"]:
             g = [r["wise"][w]["unseen_gain_points"] for r in rows]
             c = [r["wise"][w]["clean_test_change_points"] for r in rows]
-            print(json.dumps({"wise": float(w), "unseen_gain_points_mean": round(float(np.mean(g)), 2),
+            print(json.dumps({"wise": w, "unseen_gain_points_mean": round(float(np.mean(g)), 2),
                               "unseen_gain_points_min": min(g),
                               "clean_test_change_points_mean": round(float(np.mean(c)), 2),
                               "clean_test_change_points_min": min(c)}))  # fmt: skip
@@ -237,13 +238,14 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
 
         tuned = {k: v.clone() for k, v in model.state_dict().items()}
         row["wise"] = {}
-        for w in [float(x) for x in a.wise.split(",")]:
-            model.load_state_dict(wise_blend(base.state_dict(), tuned, w))
+        for w in a.wise.split(","):  # 0.5, or 1:0.5 (graded from the stem to the head)
+            alpha = tuple(float(x) for x in w.split(":")) if ":" in w else float(w)
+            model.load_state_dict(wise_blend(base.state_dict(), tuned, alpha))
             h = head_module(model).float()
             un = acc(h, extract(model, [site[i] for i in unseen], spec), y[unseen])
             cl = acc(h, extract(model, load_resized(ds, test, short_side=spec.resize,
                                                     cache_dir=a.cache), spec), y)  # fmt: skip
-            row["wise"][str(w)] = {
+            row["wise"][w] = {
                 "unseen_gain_points": round(100 * (un - row["unseen_site_accuracy_base"]), 1),
                 "clean_test_change_points": round(100 * (cl - row["clean_test_accuracy_base"]), 1),
             }

@@ -132,6 +132,18 @@ def test_wise_blend_interpolates_floating_point_entries_only():
     assert out["w"].tolist() == [0.5, 1.0] and int(out["n"]) == 5
 
 
+def test_wise_blend_graded_from_the_stem_to_the_head():
+    import torch
+
+    from training.fit.train import wise_blend
+
+    keys = ["stem", "n", "middle", "head"]  # in the state dict's order; "n" is an integer
+    base = {k: torch.tensor(0 if k == "n" else 0.0) for k in keys}
+    tuned = {k: torch.tensor(7 if k == "n" else 1.0) for k in keys}
+    out = wise_blend(base, tuned, (1.0, 0.5))
+    assert [round(float(out[k]), 3) for k in keys] == [1.0, 7.0, 0.75, 0.5]
+
+
 def test_adapt_with_no_reviewed_photos_says_what_to_do(base, tmp_path):
     reviewed = tmp_path / "reviewed"
     for c in CLASSES:

@@ -285,11 +285,16 @@ def _set_bn_eval(model: nn.Module) -> None:
             m.eval()
 
 
-def wise_blend(zero: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], alpha: float) -> dict:
-    """Weight-space ensemble: (1 - alpha) * zero + alpha * ft for floating tensors."""
-    return {
-        k: (1 - alpha) * zero[k] + alpha * v if v.is_floating_point() else v for k, v in ft.items()
-    }
+def wise_blend(
+    zero: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], alpha: float | tuple[float, float]
+) -> dict:
+    """Weight-space ensemble: (1 - alpha) * zero + alpha * ft for floating tensors. A pair
+    (first, last) grades alpha from the first floating tensor (the stem) to the last (the
+    head), linearly in their order in the state dict."""
+    first, last = (alpha, alpha) if isinstance(alpha, int | float) else alpha
+    keys = [k for k, v in ft.items() if v.is_floating_point()]
+    at = {k: first + (last - first) * i / max(1, len(keys) - 1) for i, k in enumerate(keys)}
+    return {k: (1 - at[k]) * zero[k] + at[k] * v if k in at else v for k, v in ft.items()}
 
 
 def _optimizer(model: nn.Module, params: FinetuneParams, n_train: int):
