@@ -306,6 +306,7 @@ def site_object_mask(a: np.ndarray, border: float = 0.125, tol: float = 0.12) ->
     farther than *tol* (RGB in [0, 1]) from every colour seen on the photo's border strip.
     For a site's photos of one object on its floor, whatever the floor is."""
     from scipy import ndimage as ndi
+    from scipy.spatial import cKDTree
 
     x = a.astype(np.float32) / 255.0
     h, w = x.shape[:2]
@@ -313,10 +314,8 @@ def site_object_mask(a: np.ndarray, border: float = 0.125, tol: float = 0.12) ->
     edge = np.concatenate([x[:b].reshape(-1, 3), x[-b:].reshape(-1, 3),
                            x[:, :b].reshape(-1, 3), x[:, -b:].reshape(-1, 3)])  # fmt: skip
     edge = edge[np.random.default_rng(0).choice(len(edge), min(256, len(edge)), replace=False)]
-    d = np.full(h * w, np.inf, np.float32)
-    flat = x.reshape(-1, 3)
-    for chunk in np.array_split(edge, 8):
-        d = np.minimum(d, np.sqrt(((flat[:, None] - chunk[None]) ** 2).sum(-1)).min(1))
+    # distance to the nearest border colour (a tree: a tenth of the time of all the pairs)
+    d = cKDTree(edge).query(x.reshape(-1, 3), k=1)[0]
     obj = ndi.binary_opening(d.reshape(h, w) > tol, iterations=2)
     return ndi.binary_fill_holes(ndi.binary_closing(obj, iterations=2))
 
