@@ -50,7 +50,7 @@ def test_review_loop_then_adapt_on_the_reviewed_folder(base, make_worker, tmp_pa
 
     r = CliRunner().invoke(cli, ["adapt", "--reviewed", str(exp), "--base", base["checkpoint"], "--out",
                                  str(tmp_path / "adapted"), "--cache-dir", str(cache),
-                                 "--json"])  # fmt: skip
+                                 "--steps", "20", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
     assert s["model"] == "sortline-trashnet:1.0.1" and s["reviewed"] == 6
