@@ -261,12 +261,12 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     ys = {sp: np.array([ds.label_index(s) for s in ds.split(sp)], np.int64) for sp in imgs}
     keep = _replay_rows(len(ys["train"]), params)
     replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
-    fitted = None
+    described = None  # what SiteLook estimated, for the progress line and the metadata
     if look is None and params.site_look > 0:
         fitted = SiteLook.fit(rev_imgs, replay[0], seed=params.seed)
-        look = fitted.apply
+        look, d = fitted.apply, fitted.describe()
+        described = d
         if progress:
-            d = fitted.describe()
             progress(f"adapt: the site's look: light gain {d['gain']}, object zoom {d['zoom']}, "
                      f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -283,8 +283,8 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     feats["reviewed_x"] = extract(model, rev_imgs, spec)
     feats["fit_x"] = np.concatenate([feats["train_x"], feats["reviewed_x"]])
     feats["fit_y"] = np.concatenate([replay[1], rev_y])
-    if fitted is not None:
-        feats["look"] = fitted.describe()
+    if described is not None:
+        feats["look"] = described
     return feats, rev, keep
 
 
