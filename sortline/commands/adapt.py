@@ -53,9 +53,8 @@ from sortline.commands.options import DEFAULT_CHECKPOINT, cache_dir_option
 @click.option(
     "--steps",
     type=click.IntRange(1),
-    default=150,
-    show_default=True,
-    help="With --mode finetune: training steps of 16 photos.",
+    default=None,
+    help="With --mode finetune: training steps of 16 photos [600].",
 )
 @cache_dir_option
 @click.option("--activate", is_flag=True, help="Make the new version the active model.")
@@ -70,7 +69,7 @@ def adapt(
     data: Path | None,
     replay: int | None,
     mode: str,
-    steps: int,
+    steps: int | None,
     cache_dir: Path | None,
     activate: bool,
     force: bool,
@@ -82,7 +81,7 @@ def adapt(
     from training.fit.adapt import adapt as run_adapt
 
     summary = run_adapt(
-        reviewed, base, out, data=data, params=AdaptParams(mode=mode, replay=replay, steps=steps),
+        reviewed, base, out, data=data, params=AdaptParams(mode=mode, replay=replay, **({'steps': steps} if steps else {})),
         cache_dir=cache_dir or get_training_settings().cache_dir,
         progress=None if as_json else lambda line: click.echo(line, err=True),
     )  # fmt: skip
