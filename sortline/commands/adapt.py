@@ -80,8 +80,9 @@ def adapt(
     from training.fit.adapt import AdaptParams
     from training.fit.adapt import adapt as run_adapt
 
+    params = AdaptParams(mode=mode, replay=replay, **({"steps": steps} if steps else {}))
     summary = run_adapt(
-        reviewed, base, out, data=data, params=AdaptParams(mode=mode, replay=replay, **({'steps': steps} if steps else {})),
+        reviewed, base, out, data=data, params=params,
         cache_dir=cache_dir or get_training_settings().cache_dir,
         progress=None if as_json else lambda line: click.echo(line, err=True),
     )  # fmt: skip

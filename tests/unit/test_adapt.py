@@ -88,8 +88,8 @@ def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_p
     assert any(n.startswith("classifier.") for n in changed)
     prov = meta["adapted"]
     assert prov["mode"] == "finetune" and prov["steps"] == 20 and len(prov["photos"]) == 6
-    defaults = AdaptParams()
-    assert (prov["wise"], prov["site_look"], prov["crop"]) == (defaults.wise, defaults.site_look, 224)
+    d = AdaptParams()
+    assert (prov["wise"], prov["site_look"], prov["crop"]) == (d.wise, d.site_look, d.crop)
     assert set(prov["look"]) == {"gain", "zoom", "blur", "floors"}  # what SiteLook estimated
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"

@@ -187,8 +187,9 @@ def finetune(
 ) -> list[float]:
     """Train every weight of *model* for ``params.steps`` steps on batches that are half
     reviewed photos, half replayed training photos (uint8 HWC images and their labels), with
-    random crops (half the area or more, ``params.crop`` pixels) and flips. BatchNorm layers stay in eval mode: their
-    statistics are the base's (re-estimating them on a site's few photos did much worse).
+    random crops (half the area or more, ``params.crop`` pixels) and flips. BatchNorm layers
+    stay in eval mode: their statistics are the base's (re-estimating them on a site's few
+    photos did much worse).
     *progress* gets a line every 25 steps. *look* (a fitted
     :class:`training.data.augment.SiteLook` or any such function) renders a replayed photo
     in the site's look; ``params.site_look`` of them are. Returns the loss of every step."""
