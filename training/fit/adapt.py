@@ -62,11 +62,10 @@ class AdaptParams:
     lr: float = 3e-4  # backbone (AdamW, one-cycle schedule)
     head_lr: float = 1e-3
     wise: float = 0.75  # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT)
-    # the fine-tune's training crops (px, at most the model's own input size): 224 against
-    # Lite2's 260 costs 0.6 of the time a step, so 600 steps fit in the 10 minutes; the model
-    # still runs at its own size, which shows the objects at about the size the random crops
-    # (half the area or more) showed them in training
-    crop: int | None = 224
+    # the fine-tune's training crops (px, at most the model's own input size): a step at 192
+    # takes under half the time of one at Lite2's 260 (bench/adapt_steps.py), so 600 steps fit
+    # in 10 minutes here (224 did not: 594 and 664 s); the adapted model still runs at 260
+    crop: int | None = 192
     site_look: float = 0.5  # share of replayed photos shown in the site's look (SiteLook)
 
 
@@ -278,8 +277,8 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
                      f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look)
-    # WiSE-FT: on the new-site proxy, 0.5 kept more of both the gain and the clean accuracy
-    # than the fine-tuned weights alone (model card, "Adapting to a site")
+    # WiSE-FT: on the new-site proxy, 0.75 (after 600 steps) kept more of both the gain and
+    # the clean accuracy than the fine-tuned weights alone (model card, "Adapting to a site")
     model.load_state_dict(wise_blend(base_state, model.state_dict(), params.wise))
     if progress:
         n = len(replay[0]) + len(imgs["val"]) + len(imgs["test"]) + len(rev_imgs)

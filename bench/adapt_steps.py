@@ -1,0 +1,59 @@
+"""Seconds per fine-tune step of `sortline adapt` at several training crop sizes, one run.
+
+The real step: ``training.fit.adapt.finetune`` on 16 photos (8 "reviewed", 8 replayed, half
+of those in a site look fitted on the reviewed ones), random crops and flips, forward,
+backward and AdamW, on this machine's CPU threads. The reviewed photos are training photos
+under the proxy's ``site`` corruption (their labels do not matter here, only the time).
+
+    python bench/adapt_steps.py [--data DIR] [--checkpoint PATH] [--crops 260,224,192]
+                                [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/trashnet"))
+    ap.add_argument("--checkpoint", type=Path, default=Path("models/sortline-trashnet.safetensors"))
+    ap.add_argument("--cache", type=Path, default=Path("cache"))
+    ap.add_argument("--crops", default="260,224,192")
+    ap.add_argument("--steps", type=int, default=30)
+    a = ap.parse_args()
+    from training.data.augment import SiteLook
+    from training.data.dataset import load_resized, load_split
+    from training.fit.adapt import AdaptParams, finetune
+    from training.fit.robustness import corrupt
+    from training.model.checkpoint import load_checkpoint, preprocess_spec
+
+    torch.set_num_threads(2)
+    base, meta = load_checkpoint(a.checkpoint)
+    spec = preprocess_spec(meta)
+    ds = load_split(a.data, seed=int(meta["training"]["split_seed"]))
+    train = ds.split("train")[:96]
+    imgs = load_resized(ds, train, short_side=spec.resize, cache_dir=a.cache)
+    ys = np.array([ds.label_index(s) for s in train], np.int64)
+    site = [np.asarray(p.convert("RGB")) for p in corrupt(imgs[:48], "site")]
+    look = SiteLook.fit(site, imgs[48:], seed=0).apply
+    print(json.dumps({"model": meta["arch"], "input_px": spec.crop, "threads": 2}))
+    for crop in [int(c) for c in a.crops.split(",")]:
+        model = copy.deepcopy(base).to(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        finetune(model, spec, (site, ys[:48]), (imgs[48:], ys[48:]),
+                 AdaptParams(steps=a.steps, crop=crop), look=look)  # fmt: skip
+        per_step = (time.perf_counter() - t0) / a.steps
+        print(json.dumps({"crop_px": crop, "seconds_per_step": round(per_step, 3),
+                          "seconds_for_600_steps": round(600 * per_step)}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
