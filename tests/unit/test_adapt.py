@@ -72,9 +72,19 @@ def test_adapt_refits_the_head_only_and_records_provenance(base, tmp_path):
     )
 
 
+def test_the_training_crop_is_the_setting_at_most_the_models_input():
+    from training.fit.adapt import train_crop
+    from training.model.preprocess import PreprocessSpec
+
+    lite2 = PreprocessSpec(resize=292, crop=260)
+    assert train_crop(AdaptParams(), lite2) == 192  # the default: under half a step's time
+    assert train_crop(AdaptParams(crop=None), lite2) == 260
+    assert train_crop(AdaptParams(crop=320), lite2) == 260  # never above the model's input
+
+
 def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_path):
     from training.fit.adapt import adapt
-    from training.model.checkpoint import load_checkpoint, read_metadata
+    from training.model.checkpoint import load_checkpoint, preprocess_spec, read_metadata
 
     reviewed = _reviewed(base, tmp_path / "reviewed")
     s = adapt(reviewed, base["checkpoint"], tmp_path / "out", cache_dir=base["root"] / "cache",
@@ -89,7 +99,8 @@ def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_p
     prov = meta["adapted"]
     assert prov["mode"] == "finetune" and prov["steps"] == 20 and len(prov["photos"]) == 6
     d = AdaptParams()
-    assert (prov["wise"], prov["site_look"], prov["crop"]) == (d.wise, d.site_look, d.crop)
+    assert (prov["wise"], prov["site_look"]) == (d.wise, d.site_look)
+    assert prov["crop"] == min(d.crop, preprocess_spec(meta).crop)  # the size it trained at
     assert set(prov["look"]) == {"gain", "zoom", "blur", "floors"}  # what SiteLook estimated
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"

@@ -69,6 +69,11 @@ class AdaptParams:
     site_look: float = 0.5  # share of replayed photos shown in the site's look (SiteLook)
 
 
+def train_crop(params: AdaptParams, spec) -> int:
+    """The fine-tune's training crop size: ``params.crop``, at most the model's own input."""
+    return min(params.crop or spec.crop, spec.crop)
+
+
 def bump_version(version: str, taken: set[str]) -> str:
     """The next free version after *version*: ``1.1.0`` -> ``1.1.1``, else ``V-adapt1``."""
     m = re.fullmatch(r"(.*?)(\d+)", version)
@@ -198,9 +203,8 @@ def finetune(
     from training.fit.run import last_linear
     from training.model.preprocess import normalise
 
-    size = min(params.crop or spec.crop, spec.crop)
     aug = T.Compose([
-        T.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25)),
+        T.RandomResizedCrop(train_crop(params, spec), scale=(0.5, 1.0), ratio=(0.8, 1.25)),
         T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
     ])  # fmt: skip
     (rev_imgs, rev_y), (rep_imgs, rep_y) = reviewed, replay
@@ -328,7 +332,7 @@ def _score(feats: dict, w: np.ndarray, b: np.ndarray, classes: list[str], base_s
 def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed, keep, params,
                   seconds):  # fmt: skip
     from training.model import unfamiliarity
-    from training.model.checkpoint import model_version
+    from training.model.checkpoint import model_version, preprocess_spec
 
     return {
         **{k: v for k, v in meta.items() if k not in ("format", "unfamiliarity", "_sha256")},
@@ -364,7 +368,7 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "head_lr": params.head_lr,
                     "wise": params.wise,
                     "site_look": params.site_look,
-                    "crop": params.crop,
+                    "crop": train_crop(params, preprocess_spec(meta)),
                 }
             ),
             "seconds": seconds,
