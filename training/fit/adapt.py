@@ -63,7 +63,7 @@ class AdaptParams:
     head_lr: float = 1e-3
     wise: float = 0.75  # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT)
     # the fine-tune's training crops (px, at most the model's own input size): a step at 192
-    # takes under half the time of one at Lite2's 260 (bench/adapt_steps.py), so 600 steps fit
+    # takes 0.44 of the time of one at Lite2's 260 (bench/adapt_steps.py), so 600 steps fit
     # in 10 minutes here (224 did not: 594 and 664 s); the adapted model still runs at 260
     crop: int | None = 192
     site_look: float = 0.5  # share of replayed photos shown in the site's look (SiteLook)
