@@ -191,7 +191,7 @@ def finetune(
 ) -> list[float]:
     """Train every weight of *model* for ``params.steps`` steps on batches that are half
     reviewed photos, half replayed training photos (uint8 HWC images and their labels), with
-    random crops (half the area or more, ``params.crop`` pixels) and flips. BatchNorm layers
+    random crops (half the area or more, :func:`train_crop` pixels) and flips. BatchNorm layers
     stay in eval mode: their statistics are the base's (re-estimating them on a site's few
     photos did much worse).
     *progress* gets a line every 25 steps. *look* (a fitted
@@ -274,9 +274,9 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     described = None  # what SiteLook estimated, for the progress line and the metadata
     if look is None and params.site_look > 0:
         fitted = SiteLook.fit(rev_imgs, replay[0], seed=params.seed)
-        look, d = fitted.apply, fitted.describe()
-        described = d
+        look, described = fitted.apply, fitted.describe()
         if progress:
+            d = described
             progress(f"adapt: the site's look: light gain {d['gain']}, object zoom {d['zoom']}, "
                      f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
