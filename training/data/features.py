@@ -41,18 +41,22 @@ def extract(
     spec: PreprocessSpec,
     *,
     transform: Callable[[Image.Image], np.ndarray] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Pooled features (N, D) of uint8 HWC images through the eval transform (or *transform*),
-    on the device *model* is on."""
+    on the device *model* is on, without autograd. Batches of 16 on a CPU (Lite2 at 260 px on
+    two cores: 8-11 s for 321 photos in batches of 4-16, 12.5-13 s in batches of 64, one run),
+    64 on an accelerator."""
     model.eval()
     fn = transform or (lambda im: preprocess(im, spec))
     device = next(model.parameters()).device
+    batch_size = batch_size or (16 if device.type == "cpu" else 64)
     out = []
-    for i in range(0, len(images), batch_size):
-        batch = np.stack([fn(Image.fromarray(a)) for a in images[i : i + batch_size]])
-        x = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
-        out.append(forward_features(model, x).float().cpu().numpy())
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            batch = np.stack([fn(Image.fromarray(a)) for a in images[i : i + batch_size]])
+            x = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+            out.append(forward_features(model, x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
