@@ -101,6 +101,7 @@ def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_p
     d = AdaptParams()
     assert (prov["wise"], prov["site_look"]) == (d.wise, d.site_look)
     assert prov["crop"] == min(d.crop, preprocess_spec(meta).crop)  # the size it trained at
+    assert prov["full_steps"] == min(d.full_steps, 20)  # of those, at the model's own size
     assert set(prov["look"]) == {"gain", "zoom", "blur", "floors"}  # what SiteLook estimated
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"
@@ -268,3 +269,21 @@ def test_finetune_replays_photos_in_the_site_s_look():
     finetune(TinyNet(2), PreprocessSpec(resize=40, crop=32), (imgs, ys), (imgs, ys),
              AdaptParams(steps=10, site_look=0.0), look=look)  # fmt: skip
     assert not seen
+
+
+def test_finetune_trains_its_last_full_steps_at_the_models_own_size():
+    import torch
+
+    from training.fit.adapt import finetune
+    from training.model.factory import TinyNet
+    from training.model.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
+    ys = np.array([0, 1] * 4)
+    model, sizes = TinyNet(2), []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[-2:])))
+    torch.manual_seed(0)
+    finetune(model, PreprocessSpec(resize=40, crop=32), (imgs, ys), (imgs, ys),
+             AdaptParams(steps=10, crop=16, full_steps=3, site_look=0.0))  # fmt: skip
+    assert sizes == [(16, 16)] * 7 + [(32, 32)] * 3
