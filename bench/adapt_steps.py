@@ -1,7 +1,8 @@
 """Seconds per fine-tune step of `sortline adapt` at several training crop sizes, one run.
 
 The real step: ``training.fit.adapt.finetune`` on 16 photos (8 "reviewed", 8 replayed, half
-of those in a site look fitted on the reviewed ones), random crops and flips, forward,
+of those in a site look fitted on the reviewed ones), random crops of one size throughout
+(`full_steps=0`) and flips, forward,
 backward and AdamW, on this machine's CPU threads. The reviewed photos are training photos
 under the proxy's ``site`` corruption (their labels do not matter here, only the time).
 
@@ -49,7 +50,7 @@ def main() -> None:
         model = copy.deepcopy(base).to(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         finetune(model, spec, (site, ys[:48]), (imgs[48:], ys[48:]),
-                 AdaptParams(steps=a.steps, crop=crop), look=look)  # fmt: skip
+                 AdaptParams(steps=a.steps, crop=crop, full_steps=0), look=look)  # fmt: skip
         per_step = (time.perf_counter() - t0) / a.steps
         print(json.dumps({"crop_px": crop, "seconds_per_step": round(per_step, 3),
                           "seconds_for_600_steps": round(600 * per_step)}), flush=True)  # fmt: skip

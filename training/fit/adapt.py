@@ -64,7 +64,7 @@ class AdaptParams:
     wise: float = 0.6  # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT)
     # the fine-tune's training crops (px, at most the model's own input size): a step at 192
     # takes 0.44 of the time of one at Lite2's 260 (bench/adapt_steps.py), so 600 steps fit
-    # in 10 minutes here (224 did not: 594 and 664 s); the adapted model still runs at 260
+    # in 10 minutes here (224 throughout did not: 594 and 664 s)
     crop: int | None = 192
     # the last steps train at the model's own input size, as it runs (FixRes-style: the
     # 192-px crops show objects smaller than the model sees them); with WiSE-FT 0.6 they were
@@ -291,8 +291,8 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
                      f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look)
-    # WiSE-FT: on the new-site proxy, 0.6 kept more of both the gain and the clean accuracy
-    # than the fine-tuned weights alone or 0.75 (model card, "Adapting to a site")
+    # WiSE-FT: on the new-site proxy, 0.6 kept the clean test within a point where 0.75 and
+    # the fine-tuned weights alone did not, for a little less gain (model card)
     model.load_state_dict(wise_blend(base_state, model.state_dict(), params.wise))
     if progress:
         n = len(replay[0]) + len(imgs["val"]) + len(imgs["test"]) + len(rev_imgs)
