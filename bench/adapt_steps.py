@@ -1,13 +1,15 @@
-"""Seconds per fine-tune step of `sortline adapt` at several training crop sizes, one run.
+"""Seconds per fine-tune step of `sortline adapt` at several training crop sizes, with its
+first layers frozen or not, one run.
 
 The real step: ``training.fit.adapt.finetune`` on 16 photos (8 "reviewed", 8 replayed, half
 of those in a site look fitted on the reviewed ones), random crops of one size throughout
-(`full_steps=0`) and flips, forward,
-backward and AdamW, on this machine's CPU threads. The reviewed photos are training photos
-under the proxy's ``site`` corruption (their labels do not matter here, only the time).
+(`full_steps=0`) and flips, forward, backward and AdamW, on this machine's CPU threads;
+``--frozen`` lists how many of the first layers keep the base's weights
+(``AdaptParams.frozen``: no backward pass through them). The reviewed photos are training
+photos under the proxy's ``site`` corruption (their labels do not matter here, only the time).
 
     python bench/adapt_steps.py [--data DIR] [--checkpoint PATH] [--crops 260,224,192]
-                                [--steps 30]
+                                [--frozen 0,5] [--steps 30]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=Path("models/sortline-trashnet.safetensors"))
     ap.add_argument("--cache", type=Path, default=Path("cache"))
     ap.add_argument("--crops", default="260,224,192")
+    ap.add_argument("--frozen", default="0,5", help="AdaptParams.frozen values to time")
     ap.add_argument("--steps", type=int, default=30)
     a = ap.parse_args()
     from training.data.augment import SiteLook
@@ -46,14 +49,16 @@ def main() -> None:
     site = [np.asarray(p.convert("RGB")) for p in corrupt(imgs[:48], "site")]
     look = SiteLook.fit(site, imgs[48:], seed=0).apply
     print(json.dumps({"model": meta["arch"], "input_px": spec.crop, "threads": 2}))
-    for crop in [int(c) for c in a.crops.split(",")]:
-        model = copy.deepcopy(base).to(memory_format=torch.channels_last)
-        t0 = time.perf_counter()
-        finetune(model, spec, (site, ys[:48]), (imgs[48:], ys[48:]),
-                 AdaptParams(steps=a.steps, crop=crop, full_steps=0), look=look)  # fmt: skip
-        per_step = (time.perf_counter() - t0) / a.steps
-        print(json.dumps({"crop_px": crop, "seconds_per_step": round(per_step, 3),
-                          "seconds_for_600_steps": round(600 * per_step)}), flush=True)  # fmt: skip
+    for frozen in [int(f) for f in a.frozen.split(",")]:
+        for crop in [int(c) for c in a.crops.split(",")]:
+            model = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            params = AdaptParams(steps=a.steps, crop=crop, full_steps=0, frozen=frozen)
+            t0 = time.perf_counter()
+            finetune(model, spec, (site, ys[:48]), (imgs[48:], ys[48:]), params, look=look)
+            per_step = (time.perf_counter() - t0) / a.steps
+            print(json.dumps({"frozen": frozen, "crop_px": crop,
+                              "seconds_per_step": round(per_step, 3),
+                              "seconds_for_600_steps": round(600 * per_step)}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

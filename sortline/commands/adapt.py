@@ -47,8 +47,9 @@ from sortline.commands.options import DEFAULT_CHECKPOINT, cache_dir_option
     type=click.Choice(["finetune", "head"]),  # training.fit.adapt.MODES (imports torch)
     default="finetune",
     show_default=True,
-    help="finetune: train the whole network a few hundred steps (minutes); head: refit the "
-    "classifier head only on cached features (seconds, smaller gains).",
+    help="finetune: train the network (all but its first layers) a few hundred steps "
+    "(minutes); head: refit the classifier head only on cached features (seconds, smaller "
+    "gains).",
 )
 @click.option(
     "--steps",

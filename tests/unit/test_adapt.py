@@ -82,7 +82,7 @@ def test_the_training_crop_is_the_setting_at_most_the_models_input():
     assert train_crop(AdaptParams(crop=320), lite2) == 260  # never above the model's input
 
 
-def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_path):
+def test_adapt_finetunes_the_backbone_and_keeps_batchnorm_statistics(base, tmp_path):
     from training.fit.adapt import adapt
     from training.model.checkpoint import load_checkpoint, preprocess_spec, read_metadata
 
@@ -102,6 +102,7 @@ def test_adapt_finetunes_every_weight_and_keeps_batchnorm_statistics(base, tmp_p
     assert (prov["wise"], prov["site_look"]) == (d.wise, d.site_look)
     assert prov["crop"] == min(d.crop, preprocess_spec(meta).crop)  # the size it trained at
     assert prov["full_steps"] == min(d.full_steps, 20)  # of those, at the model's own size
+    assert prov["frozen"] == d.frozen  # first layers kept as the base's
     assert set(prov["look"]) == {"gain", "zoom", "blur", "floors"}  # what SiteLook estimated
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"
@@ -132,6 +133,28 @@ def test_finetune_keeps_batchnorm_statistics_and_learns_the_photos():
     assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10])
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
+
+
+def test_finetune_keeps_its_frozen_first_layers_as_the_base_s():
+    import torch
+
+    from training.fit.adapt import finetune
+    from training.model.factory import TinyNet
+    from training.model.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    model = TinyNet(2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
+    ys = np.array([0, 1] * 4)
+    finetune(model, PreprocessSpec(resize=40, crop=32), (imgs, ys), (imgs, ys),
+             AdaptParams(steps=5, lr=1e-2, site_look=0.0, frozen=1))  # fmt: skip
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    # layer 0 (the first conv) kept; the second conv and the classifier trained
+    assert changed == {"features.2.weight", "features.2.bias", "classifier.weight",
+                       "classifier.bias"}  # fmt: skip
+    assert all(p.requires_grad for p in model.parameters())  # trainable again afterwards
 
 
 def test_wise_blend_interpolates_floating_point_entries_only():
