@@ -73,7 +73,7 @@ class AdaptParams:
     site_look: float = 0.5  # share of replayed photos shown in the site's look (SiteLook)
     # the first layers from the input (``factory.layer_depths``: Lite2's stem conv, its
     # BatchNorm, then one block per layer) keep the base's weights: no backward pass through
-    # them, so a step at 260 px takes 0.6 of the time (the backbone's last layer always trains)
+    # them, so a step at 260 px takes 0.65 of the time (the backbone's last layer always trains)
     frozen: int = 5
 
 
