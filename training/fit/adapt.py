@@ -1,13 +1,13 @@
 """``sortline adapt``: teach a model a site's own reviewed photos in minutes on a CPU.
 
 Two modes. ``finetune`` (the default) trains the network (all but its first layers) for a few
-hundred steps from the base weights, each batch half reviewed photos and half a replay of the base model's
-training split, half of which is shown in the site's look (``augment.SiteLook``: the training
-photo's object on the site's floor, in its colours, blur and compression, estimated from the
-reviewed photos), so the site's look is learnt on every training object and not only on the
-reviewed ones (random crops and flips; BatchNorm statistics kept as the base's). ``head``
-keeps the backbone and refits the classifier head (L-BFGS, from the base head, an L2 pull
-towards it) on the pooled features of the reviewed photos mixed with the replay (features
+hundred steps from the base weights, each batch half reviewed photos and half a replay of the
+base model's training split, half of which is shown in the site's look (``augment.SiteLook``:
+the training photo's object on the site's floor, in its colours, blur and compression,
+estimated from the reviewed photos), so the site's look is learnt on every training object and
+not only on the reviewed ones (random crops and flips; BatchNorm statistics kept as the
+base's). ``head`` keeps the backbone and refits the classifier head (L-BFGS, from the base
+head, an L2 pull towards it) on the pooled features of the reviewed photos mixed with the replay (features
 cached per checkpoint): seconds instead of minutes, but on the new-site proxy of
 ``bench/adapt.py`` it gains a quarter of what the fine-tune does (model card). In both, the
 temperature and the unfamiliarity statistics are refitted on the union, and the result is
