@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -197,7 +198,9 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
             return np.asarray(SITES[a.site](Image.fromarray(img), rng).convert("RGB"))
 
     summary = adapt(folder, a.checkpoint, a.out / "model", data=a.data, cache_dir=a.cache,
-                    params=params, register=False, look=look)  # fmt: skip
+                    params=params, register=False, look=look,
+                    progress=lambda line: print(f"seed {seed}: {line}", file=sys.stderr,
+                                                flush=True))  # fmt: skip
     adapt_s = time.time() - t1
     model, _ = load_checkpoint(summary["checkpoint"])
     model = model.to(memory_format=torch.channels_last).eval()

@@ -103,6 +103,7 @@ def test_adapt_finetunes_the_backbone_and_keeps_batchnorm_statistics(base, tmp_p
     assert prov["crop"] == min(d.crop, preprocess_spec(meta).crop)  # the size it trained at
     assert prov["full_steps"] == min(d.full_steps, 20)  # of those, at the model's own size
     assert prov["frozen"] == d.frozen  # first layers kept as the base's
+    assert prov["anchor"] == d.anchor  # feature anchor on the replayed photos
     assert set(prov["look"]) == {"gain", "zoom", "blur", "floors"}  # what SiteLook estimated
     # a new backbone: the base's shift detector is dropped, the Gaussians refitted
     assert read_metadata(s["checkpoint"])["unfamiliarity"]["method"] == "mahalanobis"
@@ -294,6 +295,33 @@ def test_finetune_replays_photos_in_the_site_s_look():
     assert not seen
 
 
+def test_finetune_anchor_keeps_the_replayed_photos_features_near_the_base_s():
+    import copy
+
+    import torch
+
+    from training.data.features import extract
+    from training.fit.adapt import finetune
+    from training.model.factory import TinyNet
+    from training.model.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
+    ys, spec = np.array([0, 1] * 4), PreprocessSpec(resize=40, crop=32)
+    torch.manual_seed(0)
+    base = TinyNet(2)
+    targets = extract(base, imgs, spec)
+    drift = {}
+    for anchor in (0.0, 100.0):
+        model = copy.deepcopy(base)
+        params = AdaptParams(steps=30, crop=32, full_steps=30, site_look=0.0, frozen=0,
+                             lr=1e-2, head_lr=1e-2, anchor=anchor)  # fmt: skip
+        finetune(model, spec, (imgs, ys), (imgs, ys), params, replay_features=targets)
+        drift[anchor] = float(((extract(model, imgs, spec) - targets) ** 2).sum(1).mean())
+    assert drift[0.0] > 0
+    assert drift[100.0] < 0.5 * drift[0.0]
+
+
 def test_finetune_trains_its_last_full_steps_at_the_models_own_size():
     import torch
 
@@ -305,7 +333,9 @@ def test_finetune_trains_its_last_full_steps_at_the_models_own_size():
     imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
     ys = np.array([0, 1] * 4)
     model, sizes = TinyNet(2), []
-    model.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[-2:])))
+    model.features.register_forward_pre_hook(
+        lambda m, args: sizes.append(tuple(args[0].shape[-2:]))
+    )
     torch.manual_seed(0)
     finetune(model, PreprocessSpec(resize=40, crop=32), (imgs, ys), (imgs, ys),
              AdaptParams(steps=10, crop=16, full_steps=3, site_look=0.0))  # fmt: skip

@@ -61,7 +61,9 @@ class AdaptParams:
     reviewed_per_batch: int = 8  # of the batch's photos, how many are reviewed ones
     lr: float = 3e-4  # backbone (AdamW, one-cycle schedule)
     head_lr: float = 1e-3
-    wise: float = 0.5  # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT)
+    # the weights kept: wise * fine-tuned + (1 - wise) * base (WiSE-FT). 1 (none of the base)
+    # since the feature anchor holds the clean photos where the blend used to (model card)
+    wise: float = 1.0
     # the first steps' training crops (px, at most the model's own input size): a step at 192
     # takes 0.44 of the time of one at Lite2's 260 (bench/adapt_steps.py)
     crop: int | None = 192
@@ -75,6 +77,12 @@ class AdaptParams:
     # BatchNorm, then one block per layer) keep the base's weights: no backward pass through
     # them, so a step at 260 px takes 0.65 of the time (the backbone's last layer always trains)
     frozen: int = 5
+    # weight of a feature anchor: during the full-size steps, the replayed photos shown as they
+    # are (not in the site's look) go through the evaluation transform and their pooled
+    # features are pulled towards the base's (cached per checkpoint, so no extra forward pass):
+    # squared distance over the base features' mean squared norm. 0: off. On three halves of
+    # the proxy, 1 kept the clean test (-0.2) at the unblended fine-tune's gain (model card)
+    anchor: float = 1.0
 
 
 def train_crop(params: AdaptParams, spec) -> int:
@@ -201,6 +209,7 @@ def finetune(
     params: AdaptParams,
     progress: Callable[[str], None] | None = None,
     look: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    replay_features: np.ndarray | None = None,
 ) -> list[float]:
     """Train *model* (all but its first ``params.frozen`` layers, and never the BatchNorm
     statistics) for ``params.steps`` steps on batches that are half
@@ -211,13 +220,15 @@ def finetune(
     photos did much worse).
     *progress* gets a line every 25 steps. *look* (a fitted
     :class:`training.data.augment.SiteLook` or any such function) renders a replayed photo
-    in the site's look; ``params.site_look`` of them are. Returns the loss of every step."""
+    in the site's look; ``params.site_look`` of them are. *replay_features*: the base's pooled
+    features of the replayed photos (evaluation transform), for ``params.anchor``. Returns the
+    loss of every step."""
     from PIL import Image
     from torchvision import transforms as T
 
     from training.fit.run import last_linear
-    from training.model.factory import layer_depths
-    from training.model.preprocess import normalise
+    from training.model.factory import forward_features, head_module, layer_depths
+    from training.model.preprocess import normalise, preprocess
 
     def augment(size: int):
         return T.Compose([
@@ -252,21 +263,40 @@ def finetune(
     n_rev = min(len(rev_imgs), params.reviewed_per_batch, params.batch - 1)
     n_rep = min(len(rep_imgs), params.batch - n_rev)
     device = next(model.parameters()).device
+    anchored = params.anchor > 0 and replay_features is not None
+    if anchored:
+        targets = torch.from_numpy(np.asarray(replay_features, np.float32)).to(device)
+        scale = float((targets**2).sum(1).mean())
+    classifier = head_module(model)
     model.eval()  # BatchNorm statistics frozen; dropout off
     losses: list[float] = []
+    drifts: list[float] = []  # the anchored photos' relative feature drift, per step
     t0 = time.time()
     for step in range(params.steps):
         ri = rng.choice(len(rev_imgs), n_rev, replace=False)
         pi = rng.choice(len(rep_imgs), n_rep, replace=False)
         rep = [rep_imgs[i] for i in pi]
+        styled = np.zeros(len(rep), bool)
         if look is not None:
-            rep = [look(a, rng) if rng.random() < params.site_look else a for a in rep]
+            styled = rng.random(len(rep)) < params.site_look
+            rep = [look(a, rng) if st else a for a, st in zip(rep, styled, strict=True)]
         ims = [rev_imgs[i] for i in ri] + rep
-        aug = full if step >= first_full else small
-        x = np.stack([normalise(aug(Image.fromarray(a)), spec) for a in ims])
+        is_full = step >= first_full
+        aug = full if is_full else small
+        # the anchored photos: replayed, shown as they are, at the model's own size
+        anc = np.concatenate([np.zeros(n_rev, bool), ~styled]) & (anchored and is_full)
+        x = np.stack([preprocess(Image.fromarray(a), spec) if an
+                      else normalise(aug(Image.fromarray(a)), spec)
+                      for a, an in zip(ims, anc, strict=True)])  # fmt: skip
         x_t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
         y_t = torch.from_numpy(np.concatenate([rev_y[ri], rep_y[pi]])).to(device)
-        loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
+        feats = forward_features(model, x_t)
+        loss = torch.nn.functional.cross_entropy(classifier(feats), y_t)
+        if anc.any():
+            drift = feats[torch.from_numpy(anc)] - targets[pi[anc[n_rev:]]]
+            rel = (drift**2).sum(1).mean() / scale
+            drifts.append(rel.item())
+            loss = loss + params.anchor * rel
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -275,6 +305,8 @@ def finetune(
         if (step + 1) % 25 == 0 or step + 1 == params.steps:
             line = (f"adapt: step {step + 1}/{params.steps}, loss "
                     f"{np.mean(losses[-25:]):.3f}, {time.time() - t0:.0f} s")  # fmt: skip
+            if drifts:
+                line += f", feature drift {np.mean(drifts[-25:]):.4f}"
             log.info(line)
             if progress:
                 progress(line)
@@ -311,9 +343,14 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
             progress(f"adapt: the site's look: light gain {d['gain']}, object zoom {d['zoom']}, "
                      f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look)
-    # WiSE-FT: on the new-site proxy, 0.5 kept the clean test within a point where 0.6 and
-    # more did not, for about the same gain (model card)
+    anchors = None
+    if params.anchor > 0:  # the base's features of the training split (cached per checkpoint)
+        from training.data.features import split_features
+
+        base_x = split_features(model, meta["_sha256"], meta["arch"], spec, ds, cache_dir)
+        anchors = base_x["train_x"][keep]
+    finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look, anchors)
+    # WiSE-FT (none by default: the feature anchor keeps the clean photos; model card)
     model.load_state_dict(wise_blend(base_state, model.state_dict(), params.wise))
     if progress:
         n = len(replay[0]) + len(imgs["val"]) + len(imgs["test"]) + len(rev_imgs)
@@ -402,6 +439,7 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "crop": train_crop(params, preprocess_spec(meta)),
                     "full_steps": full_size_steps(params),
                     "frozen": params.frozen,
+                    "anchor": params.anchor,
                 }
             ),
             "seconds": seconds,
