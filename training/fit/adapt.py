@@ -6,13 +6,14 @@ base model's training split, half of which is shown in the site's look (``augmen
 the training photo's object on the site's floor, in its colours, blur and compression,
 estimated from the reviewed photos), so the site's look is learnt on every training object and
 not only on the reviewed ones (random crops and flips; BatchNorm statistics kept as the
-base's). ``head`` keeps the backbone and refits the classifier head (L-BFGS, from the base
-head, an L2 pull towards it) on the pooled features of the reviewed photos mixed with the replay (features
-cached per checkpoint): seconds instead of minutes, but on the new-site proxy of
-``bench/adapt.py`` it gains a quarter of what the fine-tune does (model card). In both, the
-temperature and the unfamiliarity statistics are refitted on the union, and the result is
-written as a checkpoint with a bumped version and the provenance of every photo it saw, then
-registered as a candidate.
+base's), while the replayed photos shown as they are keep their features near the base's (a
+feature anchor), so the clean photos are not forgotten. ``head`` keeps the backbone and
+refits the classifier head (L-BFGS, from the base head, an L2 pull towards it) on the pooled
+features of the reviewed photos mixed with the replay (features cached per checkpoint):
+seconds instead of minutes, but on the new-site proxy of ``bench/adapt.py`` it gains a quarter
+of what the fine-tune does (model card). In both, the temperature and the unfamiliarity
+statistics are refitted on the union, and the result is written as a checkpoint with a bumped
+version and the provenance of every photo it saw, then registered as a candidate.
 """
 
 from __future__ import annotations
@@ -217,7 +218,9 @@ def finetune(
     random crops (half the area or more, :func:`train_crop` pixels, the model's own size for
     the last ``params.full_steps``) and flips. BatchNorm layers
     stay in eval mode: their statistics are the base's (re-estimating them on a site's few
-    photos did much worse).
+    photos did much worse). With ``params.anchor``, during the full-size steps the replayed
+    photos not shown in the site's look go through the evaluation transform instead and
+    their pooled features are pulled towards *replay_features*.
     *progress* gets a line every 25 steps. *look* (a fitted
     :class:`training.data.augment.SiteLook` or any such function) renders a replayed photo
     in the site's look; ``params.site_look`` of them are. *replay_features*: the base's pooled
