@@ -89,6 +89,11 @@ class AdaptParams:
     # features of the same photo as it is, so the site's look maps to where the base's head
     # already separates the classes. 0: off
     look_anchor: float = 0.0
+    # the smallest area (share of the photo) of the random crops of the site's photos (the
+    # reviewed ones and the replayed ones in the site's look); the training photos shown as
+    # they are keep 0.5. The site's objects are small and anywhere in the frame: a small crop
+    # magnifies them past the size the model sees them at and may cut them off
+    site_crop: float = 0.5
 
 
 def train_crop(params: AdaptParams, spec) -> int:
@@ -238,13 +243,15 @@ def finetune(
     from training.model.factory import forward_features, head_module, layer_depths
     from training.model.preprocess import normalise, preprocess
 
-    def augment(size: int):
+    def augment(size: int, smallest: float = 0.5):
         return T.Compose([
-            T.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25)),
+            T.RandomResizedCrop(size, scale=(smallest, 1.0), ratio=(0.8, 1.25)),
             T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
         ])  # fmt: skip
 
     small, full = augment(train_crop(params, spec)), augment(spec.crop)
+    site_small = augment(train_crop(params, spec), params.site_crop)
+    site_full = augment(spec.crop, params.site_crop)
     first_full = params.steps - full_size_steps(params)
     (rev_imgs, rev_y), (rep_imgs, rep_y) = reviewed, replay
     head = {id(p) for p in last_linear(model).parameters()}
@@ -292,6 +299,8 @@ def finetune(
         ims = [rev_imgs[i] for i in ri] + rep
         is_full = step >= first_full
         aug = full if is_full else small
+        site_aug = site_full if is_full else site_small
+        site = np.concatenate([np.ones(n_rev, bool), styled])  # the reviewed ones and styled
         # the anchored photos: replayed, shown as they are, at the model's own size
         anc = np.concatenate([np.zeros(n_rev, bool), ~styled]) & (anchored and is_full)
         anc &= params.anchor > 0
@@ -299,8 +308,8 @@ def finetune(
         lanc = np.concatenate([np.zeros(n_rev, bool), styled]) & (anchored and is_full)
         lanc &= params.look_anchor > 0
         x = np.stack([preprocess(Image.fromarray(a), spec) if an
-                      else normalise(aug(Image.fromarray(a)), spec)
-                      for a, an in zip(ims, anc | lanc, strict=True)])  # fmt: skip
+                      else normalise((site_aug if st else aug)(Image.fromarray(a)), spec)
+                      for a, an, st in zip(ims, anc | lanc, site, strict=True)])  # fmt: skip
         x_t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
         y_t = torch.from_numpy(np.concatenate([rev_y[ri], rep_y[pi]])).to(device)
         feats = forward_features(model, x_t)
@@ -462,6 +471,7 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "frozen": params.frozen,
                     "anchor": params.anchor,
                     "look_anchor": params.look_anchor,
+                    "site_crop": params.site_crop,
                 }
             ),
             "seconds": seconds,
