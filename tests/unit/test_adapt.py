@@ -322,37 +322,6 @@ def test_finetune_anchor_keeps_the_replayed_photos_features_near_the_base_s():
     assert drift[100.0] < 0.5 * drift[0.0]
 
 
-def test_finetune_look_anchor_pulls_photos_in_the_site_s_look_to_the_base_s_clean_features():
-    import copy
-
-    import torch
-
-    from training.data.features import extract
-    from training.fit.adapt import finetune
-    from training.model.factory import TinyNet
-    from training.model.preprocess import PreprocessSpec
-
-    rng = np.random.default_rng(0)
-    imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
-    ys, spec = np.array([0, 1] * 4), PreprocessSpec(resize=40, crop=32)
-
-    def look(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:  # the "site": dim
-        return (a // 4).astype(np.uint8)
-
-    torch.manual_seed(0)
-    base = TinyNet(2)
-    targets = extract(base, imgs, spec)  # the base's features of the photos as they are
-    dimmed = [look(a, rng) for a in imgs]
-    drift = {}
-    for weight in (0.0, 100.0):
-        model = copy.deepcopy(base)
-        params = AdaptParams(steps=30, crop=32, full_steps=30, site_look=1.0, frozen=0, lr=1e-2,
-                             head_lr=1e-2, anchor=0.0, look_anchor=weight)  # fmt: skip
-        finetune(model, spec, (imgs, ys), (imgs, ys), params, look=look, replay_features=targets)
-        drift[weight] = float(((extract(model, dimmed, spec) - targets) ** 2).sum(1).mean())
-    assert drift[100.0] < 0.5 * drift[0.0]
-
-
 def test_finetune_trains_its_last_full_steps_at_the_models_own_size():
     import torch
 

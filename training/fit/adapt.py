@@ -84,16 +84,6 @@ class AdaptParams:
     # squared distance over the base features' mean squared norm. 0: off. On three halves of
     # the proxy, 1 kept the clean test (-0.2) at the unblended fine-tune's gain (model card)
     anchor: float = 1.0
-    # weight of the same pull on the replayed photos shown in the site's look (evaluation
-    # transform during the full-size steps): their features are pulled towards the base's
-    # features of the same photo as it is, so the site's look maps to where the base's head
-    # already separates the classes. 0: off
-    look_anchor: float = 0.0
-    # the smallest area (share of the photo) of the random crops of the site's photos (the
-    # reviewed ones and the replayed ones in the site's look); the training photos shown as
-    # they are keep 0.5. The site's objects are small and anywhere in the frame: a small crop
-    # magnifies them past the size the model sees them at and may cut them off
-    site_crop: float = 0.5
 
 
 def train_crop(params: AdaptParams, spec) -> int:
@@ -243,15 +233,13 @@ def finetune(
     from training.model.factory import forward_features, head_module, layer_depths
     from training.model.preprocess import normalise, preprocess
 
-    def augment(size: int, smallest: float = 0.5):
+    def augment(size: int):
         return T.Compose([
-            T.RandomResizedCrop(size, scale=(smallest, 1.0), ratio=(0.8, 1.25)),
+            T.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25)),
             T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
         ])  # fmt: skip
 
     small, full = augment(train_crop(params, spec)), augment(spec.crop)
-    site_small = augment(train_crop(params, spec), params.site_crop)
-    site_full = augment(spec.crop, params.site_crop)
     first_full = params.steps - full_size_steps(params)
     (rev_imgs, rev_y), (rep_imgs, rep_y) = reviewed, replay
     head = {id(p) for p in last_linear(model).parameters()}
@@ -278,7 +266,7 @@ def finetune(
     n_rev = min(len(rev_imgs), params.reviewed_per_batch, params.batch - 1)
     n_rep = min(len(rep_imgs), params.batch - n_rev)
     device = next(model.parameters()).device
-    anchored = replay_features is not None and (params.anchor > 0 or params.look_anchor > 0)
+    anchored = params.anchor > 0 and replay_features is not None
     if anchored:
         targets = torch.from_numpy(np.asarray(replay_features, np.float32)).to(device)
         scale = float((targets**2).sum(1).mean())
@@ -286,7 +274,6 @@ def finetune(
     model.eval()  # BatchNorm statistics frozen; dropout off
     losses: list[float] = []
     drifts: list[float] = []  # the anchored photos' relative feature drift, per step
-    look_drifts: list[float] = []  # the same for the photos in the site's look
     t0 = time.time()
     for step in range(params.steps):
         ri = rng.choice(len(rev_imgs), n_rev, replace=False)
@@ -299,17 +286,11 @@ def finetune(
         ims = [rev_imgs[i] for i in ri] + rep
         is_full = step >= first_full
         aug = full if is_full else small
-        site_aug = site_full if is_full else site_small
-        site = np.concatenate([np.ones(n_rev, bool), styled])  # the reviewed ones and styled
         # the anchored photos: replayed, shown as they are, at the model's own size
         anc = np.concatenate([np.zeros(n_rev, bool), ~styled]) & (anchored and is_full)
-        anc &= params.anchor > 0
-        # and those in the site's look, pulled towards the base's features of the photo as it is
-        lanc = np.concatenate([np.zeros(n_rev, bool), styled]) & (anchored and is_full)
-        lanc &= params.look_anchor > 0
         x = np.stack([preprocess(Image.fromarray(a), spec) if an
-                      else normalise((site_aug if st else aug)(Image.fromarray(a)), spec)
-                      for a, an, st in zip(ims, anc | lanc, site, strict=True)])  # fmt: skip
+                      else normalise(aug(Image.fromarray(a)), spec)
+                      for a, an in zip(ims, anc, strict=True)])  # fmt: skip
         x_t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
         y_t = torch.from_numpy(np.concatenate([rev_y[ri], rep_y[pi]])).to(device)
         feats = forward_features(model, x_t)
@@ -319,11 +300,6 @@ def finetune(
             rel = (drift**2).sum(1).mean() / scale
             drifts.append(rel.item())
             loss = loss + params.anchor * rel
-        if lanc.any():
-            drift = feats[torch.from_numpy(lanc)] - targets[pi[lanc[n_rev:]]]
-            rel = (drift**2).sum(1).mean() / scale
-            look_drifts.append(rel.item())
-            loss = loss + params.look_anchor * rel
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -334,8 +310,6 @@ def finetune(
                     f"{np.mean(losses[-25:]):.3f}, {time.time() - t0:.0f} s")  # fmt: skip
             if drifts:
                 line += f", feature drift {np.mean(drifts[-25:]):.4f}"
-            if look_drifts:
-                line += f", in the site's look {np.mean(look_drifts[-25:]):.4f}"
             log.info(line)
             if progress:
                 progress(line)
@@ -373,8 +347,7 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
                      f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     anchors = None
-    if params.anchor > 0 or params.look_anchor > 0:
-        # the base's features of the training split (cached per checkpoint)
+    if params.anchor > 0:  # the base's features of the training split (cached per checkpoint)
         from training.data.features import split_features
 
         base_x = split_features(model, meta["_sha256"], meta["arch"], spec, ds, cache_dir)
@@ -470,8 +443,6 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "full_steps": full_size_steps(params),
                     "frozen": params.frozen,
                     "anchor": params.anchor,
-                    "look_anchor": params.look_anchor,
-                    "site_crop": params.site_crop,
                 }
             ),
             "seconds": seconds,
