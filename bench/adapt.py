@@ -14,7 +14,11 @@ split moves the gain by several points (seed 0 alone said +9.3, ten others +2.4 
 times the reviewed photos); its gain on each unseen half bounds any head-only adaptation.
 
     python bench/adapt.py --data /work/shared/trashnet --seeds 0-9 [--mode finetune|head]
-        [--steps N] [--oracle] [--checkpoint BASE]
+        [--steps N] [--oracle] [--val-site] [--checkpoint BASE]
+
+``--val-site`` also scores the val split (322 photos of other objects, which adapt never
+trains on) under the same corruption: twice the photos of an unseen half, for choosing
+settings without spending the halves.
 
 The base must not have seen the test split: the shipped 1.3.0 is an all-data refit, so the
 figures are taken with 1.2.0 (``git show 3201ce6:models/sortline-trashnet.safetensors``).
