@@ -16,7 +16,7 @@ times the reviewed photos); its gain on each unseen half bounds any head-only ad
     python bench/adapt.py --data /work/shared/trashnet --seeds 0-9 [--mode finetune|head]
         [--steps N] [--oracle] [--val-site] [--checkpoint BASE]
 
-``--val-site`` also scores the val split (322 photos of other objects, which adapt never
+``--val-site`` also scores the val split (324 photos of other objects, which adapt never
 trains on) under the same corruption: twice the photos of an unseen half, for choosing
 settings without spending the halves.
 
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument(
         "--val-site",
         action="store_true",
-        help="Also score the val split under the same corruption (322 more site photos of objects "
+        help="Also score the val split under the same corruption (324 more site photos of objects "
         "neither half shows; adapt never trains on val, it fits only the temperature and the "
         "unfamiliarity threshold there): a less noisy figure for choosing settings, so that the "
         "unseen halves stay for the report",
