@@ -135,8 +135,8 @@ def main() -> None:
         for w in rows[0]["wise"]:
             g = [r["wise"][w]["unseen_gain_points"] for r in rows]
             c = [r["wise"][w]["clean_test_change_points"] for r in rows]
-            vs = [r["wise"][w].get("val_site_gain_points", 0.0) for r in rows]
-            v = {"val_site_gain_points_mean": round(float(np.mean(vs)), 2)} if a.val_site else {}
+            v = {"val_site_gain_points_mean": round(float(np.mean(
+                [r["wise"][w]["val_site_gain_points"] for r in rows])), 2)} if a.val_site else {}  # fmt: skip
             print(json.dumps({"wise": w, "unseen_gain_points_mean": round(float(np.mean(g)), 2),
                               **v,
                               "unseen_gain_points_min": min(g),
@@ -259,8 +259,8 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
     row["clean_test_change_points"] = round(
         100 * (row["clean_test_accuracy_adapted"] - row["clean_test_accuracy_base"]), 1
     )
-    val_y = feats["val_y"]
     if "val_site" in feats:  # the val split under the site corruption, never trained on
+        val_y = feats["val_y"]
         row["val_site_accuracy_base"] = round(acc(base_head, feats["val_site_x"], val_y), 4)
         row["val_site_gain_points"] = round(100 * (acc(head, extract(
             model, feats["val_site"], spec), val_y) - row["val_site_accuracy_base"]), 1)  # fmt: skip
