@@ -322,6 +322,20 @@ def test_finetune_anchor_keeps_the_replayed_photos_features_near_the_base_s():
     assert drift[100.0] < 0.5 * drift[0.0]
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_finetune_runs_any_number_of_steps(steps):
+    from training.fit.adapt import finetune
+    from training.model.factory import TinyNet
+    from training.model.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
+    ys, spec = np.array([0, 1] * 4), PreprocessSpec(resize=40, crop=32)
+    params = AdaptParams(steps=steps, crop=32, site_look=0.0, frozen=0)
+    losses = finetune(TinyNet(2), spec, (imgs, ys), (imgs, ys), params)
+    assert len(losses) == steps and all(np.isfinite(losses))
+
+
 def test_finetune_trains_its_last_full_steps_at_the_models_own_size():
     import torch
 

@@ -259,7 +259,9 @@ def finetune(
         opt,
         max_lr=[params.lr, params.head_lr],
         total_steps=params.steps,
-        pct_start=min(0.5, max(0.1, 2 / params.steps)),  # at least two warm-up steps
+        # at least two warm-up steps; with 2 steps in all, 0.5 would make the warm-up phase
+        # empty (OneCycleLR divides by its length)
+        pct_start=0.75 if params.steps == 2 else min(0.5, max(0.1, 2 / params.steps)),
     )
     rng = np.random.default_rng(params.seed)
     torch.manual_seed(params.seed)  # the crops and flips
