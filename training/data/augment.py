@@ -19,6 +19,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from sortline.errors import ConfigError
+from training.model.framing import box_share, site_object_mask, small_copy
 from training.model.preprocess import PreprocessSpec, normalise, resize_crop
 
 Augment = Callable[[Image.Image], np.ndarray]
@@ -301,37 +302,12 @@ def _sharpness(a: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(lap[m].mean() / (g[1:-1, 1:-1][m].std() + 1e-3))
 
 
-def site_object_mask(a: np.ndarray, border: float = 0.125, tol: float = 0.12) -> np.ndarray:
-    """Boolean (H, W) mask of what differs from a photo's floor: pixels whose colour is
-    farther than *tol* (RGB in [0, 1]) from every colour seen on the photo's border strip.
-    For a site's photos of one object on its floor, whatever the floor is."""
-    from scipy import ndimage as ndi
-    from scipy.spatial import cKDTree
-
-    x = a.astype(np.float32) / 255.0
-    h, w = x.shape[:2]
-    b = max(1, round(min(h, w) * border))
-    edge = np.concatenate([x[:b].reshape(-1, 3), x[-b:].reshape(-1, 3),
-                           x[:, :b].reshape(-1, 3), x[:, -b:].reshape(-1, 3)])  # fmt: skip
-    edge = edge[np.random.default_rng(0).choice(len(edge), min(256, len(edge)), replace=False)]
-    # distance to the nearest border colour (a tree: a tenth of the time of all the pairs)
-    d = cKDTree(edge).query(x.reshape(-1, 3), k=1)[0]
-    obj = ndi.binary_opening(d.reshape(h, w) > tol, iterations=2)
-    return ndi.binary_fill_holes(ndi.binary_closing(obj, iterations=2))
-
-
 def _floor_canvas(patch: np.ndarray, h: int, w: int) -> np.ndarray:
     """A canvas of (h, w) tiled from *patch* and its mirror images (no seams)."""
     tile = np.concatenate([patch, patch[:, ::-1]], axis=1)
     tile = np.concatenate([tile, tile[::-1]], axis=0)
     reps = (-(-h // tile.shape[0]), -(-w // tile.shape[1]), 1)
     return np.tile(tile, reps)[:h, :w]
-
-
-def _small(a: np.ndarray, side: int = 96) -> np.ndarray:
-    h, w = a.shape[:2]
-    s = side / min(h, w)
-    return np.asarray(Image.fromarray(a).resize((max(8, round(w * s)), max(8, round(h * s)))))
 
 
 class SiteLook:
@@ -370,16 +346,16 @@ class SiteLook:
         for a in site:
             s = max(8, min(a.shape[:2]) // 4)
             floors += [a[:s, :s], a[:s, -s:], a[-s:, :s], a[-s:, -s:]]
-            small = _small(a)
+            small = small_copy(a)
             m = site_object_mask(small)
-            site_box.append(_box_share(m))
+            site_box.append(box_share(m))
             if m.sum() >= 16:
                 site_px.append(small[m].astype(np.float32))
                 site_sharp.append(_sharpness(a, _upmask(m, a.shape[:2])))
         sample = [others[i] for i in rng.choice(len(others), min(48, len(others)), replace=False)]
         train_px = []
         for a in sample:
-            small = _small(a)
+            small = small_copy(a)
             m = object_mask(small)
             if m is not None:
                 train_px.append(small[m > 0.5].astype(np.float32))
@@ -396,7 +372,7 @@ class SiteLook:
         # zoom and blur by synthesis: training photos rendered at each candidate on the site's
         # floors, measured as the site's photos were, until they match the site's median
         look.zoom = _closest(look, "zoom", cls.ZOOMS, float(np.median(site_box)), lambda: [
-            _box_share(site_object_mask(_small(rendered(i, a)[0]))) for i, a in enumerate(sample)
+            box_share(site_object_mask(small_copy(rendered(i, a)[0]))) for i, a in enumerate(sample)
         ], eps=1e-3)  # fmt: skip
         if site_sharp:
             look.blur = _closest(look, "blur", cls.BLURS, float(np.median(site_sharp)), lambda: [
@@ -445,14 +421,6 @@ def _closest(look, name: str, candidates, target: float, measure, eps: float = 0
         setattr(look, name, value)
         errs.append(abs(np.log((np.median(measure()) + eps) / (target + eps))))
     return candidates[int(np.argmin(errs))]
-
-
-def _box_share(m: np.ndarray) -> float:
-    """The share of the frame taken by the bounding box of mask *m* (0 when empty)."""
-    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
-    if not len(rows):
-        return 0.0
-    return float((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) / m.size)
 
 
 def _upmask(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
