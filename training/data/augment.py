@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from sortline.errors import ConfigError
-from training.model.framing import box_share, site_object_mask, small_copy
+from training.model.framing import OBJECT_TOL, box_share, site_object_mask, small_copy
 from training.model.preprocess import PreprocessSpec, normalise, resize_crop
 
 Augment = Callable[[Image.Image], np.ndarray]
@@ -344,14 +344,19 @@ class SiteLook:
         rng = np.random.default_rng(seed)
         floors, site_box, site_px, site_sharp = [], [], [], []
         for a in site:
-            s = max(8, min(a.shape[:2]) // 4)
-            floors += [a[:s, :s], a[:s, -s:], a[-s:, :s], a[-s:, -s:]]
             small = small_copy(a)
-            m = site_object_mask(small)
-            site_box.append(box_share(m))
+            m = site_object_mask(small, tol=OBJECT_TOL)
+            s, k = max(8, min(a.shape[:2]) // 4), max(1, min(m.shape) // 4)
+            corners = [(a[:s, :s], m[:k, :k]), (a[:s, -s:], m[:k, -k:]),
+                       (a[-s:, :s], m[-k:, :k]), (a[-s:, -s:], m[-k:, -k:])]  # fmt: skip
+            floors += [patch for patch, mk in corners if mk.mean() < 0.01]  # no object in it
             if m.sum() >= 16:
+                site_box.append(box_share(m))
                 site_px.append(small[m].astype(np.float32))
                 site_sharp.append(_sharpness(a, _upmask(m, a.shape[:2])))
+        if not floors:  # every corner shows an object: take them all
+            floors = [a[: max(8, min(a.shape[:2]) // 4), : max(8, min(a.shape[:2]) // 4)]
+                      for a in site]  # fmt: skip
         sample = [others[i] for i in rng.choice(len(others), min(48, len(others)), replace=False)]
         train_px = []
         for a in sample:
@@ -369,15 +374,23 @@ class SiteLook:
         def rendered(i: int, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return look.render(a, np.random.default_rng([seed, i]), quality=95)
 
+        def boxes() -> list[float]:  # the rendered photos measured as the site's were
+            out = [site_object_mask(small_copy(rendered(i, a)[0]), tol=OBJECT_TOL)
+                   for i, a in enumerate(sample)]  # fmt: skip
+            return [box_share(m) for m in out if m.sum() >= 16]
+
+        def sharpness() -> list[float]:
+            return [_sharpness(*rendered(i, a)) for i, a in enumerate(sample)]
+
         # zoom and blur by synthesis: training photos rendered at each candidate on the site's
-        # floors, measured as the site's photos were, until they match the site's median
-        look.zoom = _closest(look, "zoom", cls.ZOOMS, float(np.median(site_box)), lambda: [
-            box_share(site_object_mask(small_copy(rendered(i, a)[0]))) for i, a in enumerate(sample)
-        ], eps=1e-3)  # fmt: skip
+        # floors, measured as the site's photos were, until they match the site's median; the
+        # zoom again once the blur is known (a blurred object's box measures differently)
+        if site_box:
+            look.zoom = _closest(look, "zoom", cls.ZOOMS, float(np.median(site_box)), boxes, 1e-3)
         if site_sharp:
-            look.blur = _closest(look, "blur", cls.BLURS, float(np.median(site_sharp)), lambda: [
-                _sharpness(*rendered(i, a)) for i, a in enumerate(sample)
-            ])  # fmt: skip
+            look.blur = _closest(look, "blur", cls.BLURS, float(np.median(site_sharp)), sharpness)
+        if site_box:
+            look.zoom = _closest(look, "zoom", cls.ZOOMS, float(np.median(site_box)), boxes, 1e-3)
         return look
 
     def describe(self) -> dict:
@@ -419,7 +432,7 @@ def _closest(look, name: str, candidates, target: float, measure, eps: float = 0
     errs = []
     for value in candidates:
         setattr(look, name, value)
-        errs.append(abs(np.log((np.median(measure()) + eps) / (target + eps))))
+        errs.append(abs(np.log((np.median(measure() or [0.0]) + eps) / (target + eps))))
     return candidates[int(np.argmin(errs))]
 
 
