@@ -225,9 +225,8 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
                     progress=lambda line: print(f"seed {seed}: {line}", file=sys.stderr,
                                                 flush=True))  # fmt: skip
     adapt_s = time.time() - t1
-    model, new_meta = load_checkpoint(summary["checkpoint"])
+    model, _ = load_checkpoint(summary["checkpoint"])
     model = model.to(memory_format=torch.channels_last).eval()
-    new_spec = preprocess_spec(new_meta)  # with the site's framing where adapt fitted one
     head = head_module(model).float()
     base_head = head_module(base).float()
 
@@ -236,9 +235,9 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
             return float((h(torch.from_numpy(x)).argmax(1).numpy() == labels).mean())
 
     site_base = extract(base, [site[i] for i in unseen], spec)  # the base model's features
-    site_new = extract(model, [site[i] for i in unseen], new_spec)
+    site_new = extract(model, [site[i] for i in unseen], spec)
     clean_new = extract(
-        model, load_resized(ds, test, short_side=spec.resize, cache_dir=a.cache), new_spec
+        model, load_resized(ds, test, short_side=spec.resize, cache_dir=a.cache), spec
     )
     row = {
         "seed": seed,
@@ -264,7 +263,7 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
         val_y = feats["val_y"]
         row["val_site_accuracy_base"] = round(acc(base_head, feats["val_site_x"], val_y), 4)
         row["val_site_gain_points"] = round(100 * (acc(head, extract(
-            model, feats["val_site"], new_spec), val_y) - row["val_site_accuracy_base"]), 1)  # fmt: skip
+            model, feats["val_site"], spec), val_y) - row["val_site_accuracy_base"]), 1)  # fmt: skip
     if a.wise:  # the blends of the unblended fine-tune with the base, each scored
         from training.fit.train import wise_blend
 
@@ -274,15 +273,15 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
             alpha = tuple(float(x) for x in w.split(":")) if ":" in w else float(w)
             model.load_state_dict(wise_blend(base.state_dict(), tuned, alpha))
             h = head_module(model).float()
-            un = acc(h, extract(model, [site[i] for i in unseen], new_spec), y[unseen])
+            un = acc(h, extract(model, [site[i] for i in unseen], spec), y[unseen])
             cl = acc(h, extract(model, load_resized(ds, test, short_side=spec.resize,
-                                                    cache_dir=a.cache), new_spec), y)  # fmt: skip
+                                                    cache_dir=a.cache), spec), y)  # fmt: skip
             row["wise"][w] = {
                 "unseen_gain_points": round(100 * (un - row["unseen_site_accuracy_base"]), 1),
                 "clean_test_change_points": round(100 * (cl - row["clean_test_accuracy_base"]), 1),
             }
             if "val_site" in feats:
-                vs = acc(h, extract(model, feats["val_site"], new_spec), val_y)
+                vs = acc(h, extract(model, feats["val_site"], spec), val_y)
                 row["wise"][w]["val_site_gain_points"] = round(
                     100 * (vs - row["val_site_accuracy_base"]), 1
                 )

@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +84,6 @@ class AdaptParams:
     # squared distance over the base features' mean squared norm. 0: off. On three halves of
     # the proxy, 1 kept the clean test (-0.2) at the unblended fine-tune's gain (model card)
     anchor: float = 1.0
-    # a site's framing (``training.model.framing``): photos whose border is the site's floor
-    # are cropped around their object to this many times the object zoom SiteLook estimated
-    # (so that objects show at about the training photos' size), in training and in the
-    # adapted checkpoint's preprocessing. 0: off. 1.5 on the val split under the proxy
-    framing: float = 1.5
 
 
 def train_crop(params: AdaptParams, spec) -> int:
@@ -325,20 +320,12 @@ def finetune(
     return losses
 
 
-def _framed(look, framed: dict):
-    """*look* (a replayed photo rendered in the site's look), then the site's framing."""
-    from training.model import framing
-
-    return lambda a, rng: framing.frame_array(look(a, rng), framed)
-
-
 def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
                         progress: Callable[[str], None] | None = None, look=None):  # fmt: skip
     """Fine-tune *model* on the reviewed photos and the replay; its features afterwards."""
     from training.data.augment import SiteLook
     from training.data.features import extract
     from training.fit.train import wise_blend
-    from training.model import framing
     from training.model.checkpoint import preprocess_spec
 
     classes, spec = meta["classes"], preprocess_spec(meta)
@@ -353,38 +340,19 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     keep = _replay_rows(len(ys["train"]), params)
     replay = ([imgs["train"][i] for i in keep], ys["train"][keep])
     described = None  # what SiteLook estimated, for the progress line and the metadata
-    fitted = None
-    if (look is None and params.site_look > 0) or params.framing > 0:
+    if look is None and params.site_look > 0:
         fitted = SiteLook.fit(rev_imgs, replay[0], seed=params.seed)
-        described = fitted.describe()
+        look, described = fitted.apply, fitted.describe()
         if progress:
             d = described
             progress(f"adapt: the site's look: light gain {d['gain']}, object zoom {d['zoom']}, "
                      f"blur {d['blur']}, {d['floors']} floor patches")  # fmt: skip
-    if look is None and params.site_look > 0:
-        look = fitted.apply
-    if params.framing > 0:  # the site's photos, and the replay in its look, cropped as it runs
-        framed = framing.fit(fitted.floors, fitted.zoom * params.framing, seed=params.seed)
-        spec = replace(spec, extra={**spec.extra, "framing": framed})
-        boxes = [framing.window_box(a, framed) for a in rev_imgs]
-        rev_imgs = [
-            framing.frame_array(a, framed, box) for a, box in zip(rev_imgs, boxes, strict=True)
-        ]
-        if look is not None:
-            look = _framed(look, framed)
-        n_framed = sum(box is not None for box in boxes)
-        if progress:
-            progress(
-                f"adapt: the site's framing: windows of {framed['window']} of the frame "
-                f"around the object ({n_framed} of {len(rev_imgs)} reviewed photos)"
-            )
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     anchors = None
     if params.anchor > 0:  # the base's features of the training split (cached per checkpoint)
         from training.data.features import split_features
 
-        base_x = split_features(model, meta["_sha256"], meta["arch"], preprocess_spec(meta), ds,
-                                cache_dir)  # fmt: skip
+        base_x = split_features(model, meta["_sha256"], meta["arch"], spec, ds, cache_dir)
         anchors = base_x["train_x"][keep]
     finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look, anchors)
     # WiSE-FT (none by default: the feature anchor keeps the clean photos; model card)
@@ -400,9 +368,6 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
     feats["fit_y"] = np.concatenate([replay[1], rev_y])
     if described is not None:
         feats["look"] = described
-    if params.framing > 0:
-        feats["framing"] = framed
-        feats["look"]["framed"] = n_framed
     return feats, rev, keep
 
 
@@ -480,7 +445,6 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "full_steps": full_size_steps(params),
                     "frozen": params.frozen,
                     "anchor": params.anchor,
-                    "framing": params.framing,
                 }
             ),
             "seconds": seconds,
@@ -543,11 +507,6 @@ def adapt(
                              reviewed, keep, params, seconds)  # fmt: skip
     if "look" in feats:  # what SiteLook estimated from the reviewed photos
         new_meta["adapted"]["look"] = feats["look"]
-    if "framing" in feats:  # the adapted model crops the site's photos as it was trained to
-        pre = new_meta["preprocess"]
-        new_meta["preprocess"] = {**pre, "extra": {**pre.get("extra", {}),
-                                                   "framing": feats["framing"]}}  # fmt: skip
-        new_meta["adapted"]["look"]["window"] = feats["framing"]["window"]
     ckpt = out / "model.safetensors"
     sha = save_checkpoint(ckpt, model, new_meta, unfamiliarity=stats)
     summary = {

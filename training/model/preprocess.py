@@ -59,12 +59,7 @@ def normalise(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """The evaluation transform: a site's framing where the checkpoint has one
-    (:mod:`training.model.framing`, set by ``sortline adapt``), resize, centre crop, normalise."""
-    if spec.extra.get("framing"):
-        from training.model.framing import frame
-
-        img = frame(img, spec.extra["framing"])
+    """The evaluation transform: resize, centre crop, normalise."""
     return normalise(resize_crop(img, spec), spec)
 
 
