@@ -269,6 +269,28 @@ def test_site_look_takes_the_site_s_colours_floor_and_blur():
     assert corners.mean() < 150 and corners[:, 2].mean() > corners[:, 0].mean()
 
 
+def test_site_look_floor_patches_leave_out_corners_with_an_object():
+    from training.data.augment import SiteLook
+
+    rng = np.random.default_rng(0)
+    site = []  # a grey floor; the red object inside a corner patch in three photos of four
+    for i in range(12):
+        a = _textured(rng, 96, (90, 90, 90))
+        top, left = ((13, 13), (63, 63), (13, 63), (38, 38))[i % 4]
+        a[top : top + 20, left : left + 20] = (150, 60, 50)
+        site.append(a.astype(np.uint8))
+    board = []
+    for _ in range(8):
+        b = np.full((96, 96, 3), 235, np.uint8)
+        b[24:72, 24:72] = _textured(rng, 48, (40, 200, 40)).astype(np.uint8)
+        board.append(b)
+    look = SiteLook.fit(site, board)
+    # a patch with the object in it would lay a piece of it under every replayed photo
+    reddish = [f for f in look.floors if (f[..., 0].astype(int) - f[..., 2]).mean() > 20]
+    assert not reddish and len(look.floors) >= 12
+    assert 0.3 <= look.zoom <= 0.7
+
+
 def test_finetune_replays_photos_in_the_site_s_look():
     import torch
 
