@@ -247,6 +247,7 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
         "reviewed": len(reviewed),
         "replay": summary["replay"],
         "adapt_seconds": round(adapt_s, 1),
+        "steps_run": summary.get("steps"),
         "unseen_site_accuracy_base": round(acc(base_head, site_base, y[unseen]), 4),
         "unseen_site_accuracy_adapted": round(acc(head, site_new, y[unseen]), 4),
         "clean_test_accuracy_base": round(acc(base_head, feats["test_x"], y), 4),

@@ -55,7 +55,14 @@ from sortline.commands.options import DEFAULT_CHECKPOINT, cache_dir_option
     "--steps",
     type=click.IntRange(1),
     default=None,
-    help="With --mode finetune: training steps of 16 photos [600].",
+    help="With --mode finetune: at most this many training steps of 16 photos [600].",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(0),
+    default=None,
+    help="With --mode finetune: seconds for the whole adaptation; on a slower machine fewer "
+    "steps run, so it ends in time (0: no limit) [540].",
 )
 @cache_dir_option
 @click.option("--activate", is_flag=True, help="Make the new version the active model.")
@@ -71,6 +78,7 @@ def adapt(
     replay: int | None,
     mode: str,
     steps: int | None,
+    budget: float | None,
     cache_dir: Path | None,
     activate: bool,
     force: bool,
@@ -81,7 +89,11 @@ def adapt(
     from training.fit.adapt import AdaptParams
     from training.fit.adapt import adapt as run_adapt
 
-    params = AdaptParams(mode=mode, replay=replay, **({"steps": steps} if steps else {}))
+    params = AdaptParams(mode=mode, replay=replay)
+    if steps:
+        params.steps = steps
+    if budget is not None:
+        params.budget = budget
     summary = run_adapt(
         reviewed, base, out, data=data, params=params,
         cache_dir=cache_dir or get_training_settings().cache_dir,

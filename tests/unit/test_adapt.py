@@ -376,3 +376,38 @@ def test_finetune_trains_its_last_full_steps_at_the_models_own_size():
     finetune(model, PreprocessSpec(resize=40, crop=32), (imgs, ys), (imgs, ys),
              AdaptParams(steps=10, crop=16, full_steps=3, site_look=0.0))  # fmt: skip
     assert sizes == [(16, 16)] * 7 + [(32, 32)] * 3
+
+
+def test_plan_position_follows_steps_or_time_whichever_is_further():
+    from training.fit.adapt import plan_position
+
+    assert plan_position(10, 999.0, 600, None) == 10  # no budget: the steps alone
+    assert plan_position(10, 1.0, 600, 100.0) == 10  # ahead of time: the steps
+    assert plan_position(10, 50.0, 600, 100.0) == 300  # behind: half the time is half the plan
+    assert plan_position(10, 100.0, 600, 100.0) >= 600  # time spent: the plan ends
+
+
+def test_finetune_stops_when_its_seconds_are_spent_and_ends_at_full_size(monkeypatch):
+    import torch
+
+    from training.fit import adapt as adapt_mod
+    from training.model.factory import TinyNet
+    from training.model.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40, 40, 3), np.uint8) for _ in range(8)]
+    ys = np.array([0, 1] * 4)
+    clock = iter(range(0, 10_000, 10))  # every reading of the clock: 10 s later
+    monkeypatch.setattr(adapt_mod.time, "time", lambda: float(next(clock)))
+    model, sizes = TinyNet(2), []
+    model.features.register_forward_pre_hook(
+        lambda m, args: sizes.append(tuple(args[0].shape[-2:]))
+    )
+    torch.manual_seed(0)
+    params = AdaptParams(steps=100, crop=16, full_steps=50, site_look=0.0)
+    losses = adapt_mod.finetune(model, PreprocessSpec(resize=40, crop=32), (imgs, ys),
+                                (imgs, ys), params, seconds=60.0)  # fmt: skip
+    # 10 s a step against 60 s: about 6 of the 100 steps run, the first half of the time at
+    # the small crop and the rest at the model's own size, as the plan's halves are
+    assert 3 <= len(losses) <= 7 and all(np.isfinite(losses))
+    assert sizes[0] == (16, 16) and sizes[-1] == (32, 32)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,11 @@ class AdaptParams:
     # squared distance over the base features' mean squared norm. 0: off. On three halves of
     # the proxy, 1 kept the clean test (-0.2) at the unblended fine-tune's gain (model card)
     anchor: float = 1.0
+    # seconds for the whole adaptation (0 or None: no limit). Machines of one kind differ in
+    # speed by up to 3x: the fine-tune runs at most ``steps`` steps, fewer where they would
+    # not fit, its schedule (learning rate, the switch to full size) following whichever is
+    # further along, the steps done or the share of its time spent (model card)
+    budget: float | None = 540.0
 
 
 def train_crop(params: AdaptParams, spec) -> int:
@@ -94,6 +100,15 @@ def train_crop(params: AdaptParams, spec) -> int:
 def full_size_steps(params: AdaptParams) -> int:
     """How many of the fine-tune's last steps train at the model's own input size."""
     return min(params.full_steps, params.steps)
+
+
+def plan_position(done: int, elapsed: float, steps: int, seconds: float | None) -> int:
+    """Where the fine-tune stands in its plan of *steps* steps: the steps *done*, or the share
+    of its *seconds* spent (*elapsed*) times *steps*, whichever is further along. The plan
+    ends (the result is *steps* or more) when the time is spent."""
+    if not seconds or seconds <= 0:
+        return done
+    return max(done, int(elapsed / seconds * steps))
 
 
 def bump_version(version: str, taken: set[str]) -> str:
@@ -211,6 +226,7 @@ def finetune(
     progress: Callable[[str], None] | None = None,
     look: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     replay_features: np.ndarray | None = None,
+    seconds: float | None = None,
 ) -> list[float]:
     """Train *model* (all but its first ``params.frozen`` layers, and never the BatchNorm
     statistics) for ``params.steps`` steps on batches that are half
@@ -224,8 +240,10 @@ def finetune(
     *progress* gets a line every 25 steps. *look* (a fitted
     :class:`training.data.augment.SiteLook` or any such function) renders a replayed photo
     in the site's look; ``params.site_look`` of them are. *replay_features*: the base's pooled
-    features of the replayed photos (evaluation transform), for ``params.anchor``. Returns the
-    loss of every step."""
+    features of the replayed photos (evaluation transform), for ``params.anchor``.
+    *seconds*: time for the steps; where ``params.steps`` would not fit, the schedule moves on
+    by the share of it spent (:func:`plan_position`) and the fine-tune stops when it is spent.
+    Returns the loss of every step run."""
     from PIL import Image
     from torchvision import transforms as T
 
@@ -277,7 +295,15 @@ def finetune(
     losses: list[float] = []
     drifts: list[float] = []  # the anchored photos' relative feature drift, per step
     t0 = time.time()
-    for step in range(params.steps):
+    for done in range(params.steps):
+        step = plan_position(done, time.time() - t0, params.steps, seconds)
+        if step >= params.steps:
+            log.info("adapt: the time budget (%.0f s) ends the fine-tune after %d of %d steps",
+                     seconds, done, params.steps)  # fmt: skip
+            break
+        if step != sched.last_epoch:  # behind on time: the schedule skips ahead
+            sched.last_epoch = step - 1
+            sched.step()
         ri = rng.choice(len(rev_imgs), n_rev, replace=False)
         pi = rng.choice(len(rep_imgs), n_rep, replace=False)
         rep = [rep_imgs[i] for i in pi]
@@ -305,10 +331,12 @@ def finetune(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
+        if step + 1 < params.steps:
+            sched.step()
         losses.append(loss.item())
-        if (step + 1) % 25 == 0 or step + 1 == params.steps:
-            line = (f"adapt: step {step + 1}/{params.steps}, loss "
+        if (done + 1) % 25 == 0 or step + 1 == params.steps:
+            at = f" (schedule at {step + 1})" if step != done else ""
+            line = (f"adapt: step {done + 1}/{params.steps}{at}, loss "
                     f"{np.mean(losses[-25:]):.3f}, {time.time() - t0:.0f} s")  # fmt: skip
             if drifts:
                 line += f", feature drift {np.mean(drifts[-25:]):.4f}"
@@ -320,9 +348,37 @@ def finetune(
     return losses
 
 
+def _steps_seconds(
+    model, spec, photos: list[np.ndarray], n_after: int, params: AdaptParams, started: float
+) -> tuple[float, float, float] | None:
+    """What ``params.budget`` leaves for the fine-tune's steps (None: no budget): the budget
+    less the time since *started* and the forward passes over *n_after* photos that follow
+    the fine-tune (timed here on *photos*), with a margin for the fits and the file; returned
+    with the time spent and the estimate for after the fine-tune."""
+    from training.data.features import extract
+
+    if not params.budget or params.budget <= 0:
+        return None
+    sample, per_photo = photos[:32], float("inf")
+    extract(model, sample[:4], spec)  # warm-up
+    for _ in range(2):  # the faster of two: a first pass over-estimated by up to 2x
+        t = time.time()
+        extract(model, sample, spec)
+        per_photo = min(per_photo, (time.time() - t) / max(1, len(sample)))
+    after = per_photo * n_after * 1.1 + 10.0
+    spent = time.time() - started
+    left = params.budget - spent - after
+    if left < 0.1 * params.budget:
+        log.warning("adapt: the budget of %.0f s leaves %.0f s for the fine-tune", params.budget,
+                    max(left, 0.0))  # fmt: skip
+    return max(left, 1.0), spent, after
+
+
 def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: AdaptParams,
-                        progress: Callable[[str], None] | None = None, look=None):  # fmt: skip
-    """Fine-tune *model* on the reviewed photos and the replay; its features afterwards."""
+                        progress: Callable[[str], None] | None = None, look=None,
+                        started: float | None = None):  # fmt: skip
+    """Fine-tune *model* on the reviewed photos and the replay; its features afterwards.
+    *started*: when the adaptation began, for ``params.budget``."""
     from training.data.augment import SiteLook
     from training.data.features import extract
     from training.fit.train import wise_blend
@@ -354,20 +410,30 @@ def _finetuned_features(model, meta, reviewed: Path, data, cache_dir, params: Ad
 
         base_x = split_features(model, meta["_sha256"], meta["arch"], spec, ds, cache_dir)
         anchors = base_x["train_x"][keep]
-    finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look, anchors)
+    n_after = len(replay[0]) + len(imgs["val"]) + len(imgs["test"]) + len(rev_imgs)
+    plan = _steps_seconds(model, spec, rev_imgs, n_after, params, started or time.time())
+    seconds = plan[0] if plan else None
+    if progress and plan:
+        progress(f"adapt: {plan[0]:.0f} s of the {params.budget:.0f} s budget for at most "
+                 f"{params.steps} steps ({plan[1]:.0f} s spent, {plan[2]:.0f} s estimated for "
+                 "after them)")  # fmt: skip
+    losses = finetune(model, spec, (rev_imgs, rev_y), replay, params, progress, look, anchors,
+                      seconds)  # fmt: skip
     # WiSE-FT (none by default: the feature anchor keeps the clean photos; model card)
     model.load_state_dict(wise_blend(base_state, model.state_dict(), params.wise))
     if progress:
-        n = len(replay[0]) + len(imgs["val"]) + len(imgs["test"]) + len(rev_imgs)
-        progress(f"adapt: features of {n} photos for calibration, unfamiliarity and figures")
-    feats = {f"{sp}_x": extract(model, imgs[sp] if sp != "train" else replay[0], spec)
-             for sp in imgs}  # fmt: skip
+        progress(f"adapt: features of {n_after} photos for calibration, unfamiliarity and "
+                 "figures")  # fmt: skip
+    feats: dict[str, Any] = {
+        f"{sp}_x": extract(model, imgs[sp] if sp != "train" else replay[0], spec) for sp in imgs
+    }
     feats.update({"val_y": ys["val"], "test_y": ys["test"], "reviewed_y": rev_y})
     feats["reviewed_x"] = extract(model, rev_imgs, spec)
     feats["fit_x"] = np.concatenate([feats["train_x"], feats["reviewed_x"]])
     feats["fit_y"] = np.concatenate([replay[1], rev_y])
     if described is not None:
         feats["look"] = described
+    feats["steps_run"] = len(losses)
     return feats, rev, keep
 
 
@@ -445,6 +511,7 @@ def _adapted_meta(meta, version, metrics, stats, threshold, n_fit, rev, reviewed
                     "full_steps": full_size_steps(params),
                     "frozen": params.frozen,
                     "anchor": params.anchor,
+                    "budget": params.budget,
                 }
             ),
             "seconds": seconds,
@@ -492,7 +559,7 @@ def adapt(
         base_stats = read_unfamiliarity(base)  # same backbone: its shift detector still holds
     else:
         feats, rev, keep = _finetuned_features(
-            model, meta, reviewed, data, cache_dir, params, progress, look
+            model, meta, reviewed, data, cache_dir, params, progress, look, started=t0
         )
         lin = last_linear(model)
         w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
@@ -507,6 +574,8 @@ def adapt(
                              reviewed, keep, params, seconds)  # fmt: skip
     if "look" in feats:  # what SiteLook estimated from the reviewed photos
         new_meta["adapted"]["look"] = feats["look"]
+    if "steps_run" in feats:  # fewer than ``steps`` where the budget ran out first
+        new_meta["adapted"]["steps_run"] = feats["steps_run"]
     ckpt = out / "model.safetensors"
     sha = save_checkpoint(ckpt, model, new_meta, unfamiliarity=stats)
     summary = {
@@ -515,6 +584,7 @@ def adapt(
         "replay": len(keep),
         "seconds": seconds, "val_accuracy": metrics["val"]["accuracy"],
         "test_accuracy": metrics["test"]["accuracy"],
+        **({"steps": feats["steps_run"]} if "steps_run" in feats else {}),
     }  # fmt: skip
     save_json(summary, out / "summary.json")
     if register:
