@@ -361,7 +361,7 @@ def _steps_seconds(
         return None
     sample, per_photo = photos[:32], float("inf")
     extract(model, sample[:4], spec)  # warm-up
-    for _ in range(2):  # the faster of two: a first pass over-estimated by up to 2x
+    for _ in range(2):  # the faster of two: one pass is easily slowed by other work
         t = time.time()
         extract(model, sample, spec)
         per_photo = min(per_photo, (time.time() - t) / max(1, len(sample)))
