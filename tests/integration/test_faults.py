@@ -149,7 +149,7 @@ def test_sigkill_mid_job_1000_images(pg_db, workers, tmp_path):
     rows = _assert_exactly_one_row_each(job_id, 1000)
     workers_seen = {r.worker for r in rows}
     assert workers_seen == {a.hostname, b.hostname}
-    lost = _log(a).count("Worker exited prematurely")
+    lost = _log(a).count("Task handler raised error")
     print(f"tasks lost with the pool process and requeued at once: {lost}")
     resent = re.findall(r"re-sent (\d+) missing positions", _log(b))
     print(f"positions the reconciler re-sent: {sum(map(int, resent))}")
