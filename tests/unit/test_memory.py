@@ -43,3 +43,18 @@ def test_large_blocks_come_from_the_heap_inside_and_from_mmap_again_after():
     c = np.empty(big, np.uint8)
     assert _mmapped_bytes() - before >= big
     del c
+
+
+def test_off_the_main_thread_nothing_changes():
+    import threading
+
+    seen: list[bool] = []
+
+    def run():
+        with keep_freed_memory() as ok:
+            seen.append(ok)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen == [False]

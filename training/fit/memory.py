@@ -13,7 +13,7 @@ adapt`, which times forward passes before its fine-tune, took the passes after i
 times what they took (seed 63 of ``bench/adapt.py``: 157 s estimated, about 50 s taken).
 Used around `sortline adapt`, which runs its tensors in the main thread, where the heap grows
 without limit (another thread's arena cannot hold more than 64 MB without ``mmap``, so this
-is not for threaded servers).
+is not for threaded servers, and off the main thread it changes nothing).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,8 +46,9 @@ def _mallopt():
 def keep_freed_memory(trim_threshold: int = 1 << 30) -> Iterator[bool]:
     """Within the block, large allocations come from the heap and freed memory stays in the
     process (up to *trim_threshold* bytes). Yields whether the allocator took the settings
-    (False where it is not glibc's: then nothing changes)."""
-    mallopt = _mallopt()
+    (False where it is not glibc's, or off the main thread: then nothing changes)."""
+    main = threading.current_thread() is threading.main_thread()
+    mallopt = _mallopt() if main else None
     ok = bool(mallopt and mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, trim_threshold))
     if mallopt and not ok:
         log.debug("mallopt refused the settings; the allocator is left as it was")
