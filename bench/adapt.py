@@ -114,6 +114,7 @@ def main() -> None:
         from training.data.features import extract
 
         val = load_resized(ds, ds.split("val"), short_side=spec.resize, cache_dir=a.cache)
+        feats["val_clean"] = val  # as it is: the clean figure for choosing
         feats["val_site"] = [np.asarray(p.convert("RGB")) for p in corrupt(val, a.site)]
         feats["val_site_x"] = extract(base, feats["val_site"], spec)
     print(f"proxy ready in {time.time() - t0:.0f} s")
@@ -266,7 +267,7 @@ def one_split(a, seed: int, base, meta, ds, feats, site, y) -> dict:
     if "val_site" in feats:  # the val split under the site corruption, never trained on
         val_y = feats["val_y"]
         # and as it is: the clean figure for choosing (the clean test stays for the report)
-        val_clean = load_resized(ds, ds.split("val"), short_side=spec.resize, cache_dir=a.cache)
+        val_clean = feats["val_clean"]
         row["clean_val_accuracy_base"] = round(acc(base_head, feats["val_x"], val_y), 4)
         row["clean_val_change_points"] = round(100 * (acc(head, extract(
             model, val_clean, spec), val_y) - row["clean_val_accuracy_base"]), 1)  # fmt: skip

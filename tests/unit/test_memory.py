@@ -26,7 +26,10 @@ def _mmapped_bytes() -> int:
     return int(fn().hblkhd)
 
 
-@pytest.mark.skipif(_mallopt() is None, reason="not glibc's allocator")
+@pytest.mark.skipif(
+    _mallopt() is None or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+    reason="not glibc's allocator, or one older than 2.33 (no mallinfo2)",
+)
 def test_large_blocks_come_from_the_heap_inside_and_from_mmap_again_after():
     # np.empty: address space only, no page is touched. 2 GB: more than the heap keeps free
     # (1 GB inside the block), so where the block is not taken it would be mmapped
